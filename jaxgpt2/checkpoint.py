@@ -1,0 +1,88 @@
+"""Checkpoints through orbax's ``CheckpointManager``.
+
+Each checkpoint is a step folder with two items: ``state`` (params, optimizer state with
+the non-finite counters, step, RNG key data; written by every process, sharded) and
+``meta`` (JSON: the resolved config, tokenizer identity and the data position). Saves are
+asynchronous (training continues while files are written) and atomic (orbax writes to a
+temporary folder and renames it when complete, so a crash mid-save leaves no checkpoint
+that looks finished). Retention keeps the latest ``keep`` plus the best by ``val_loss``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxgpt2.step import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored, phrased with what to do instead."""
+
+
+def _as_tree(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+            "rng": state.rng}
+
+
+class Checkpointer:
+    """Saves and restores train states under ``directory`` (``<out_dir>/checkpoints``)."""
+
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        preservation = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def save(self, state: TrainState, meta: dict, val_loss: float | None = None) -> None:
+        """Start writing a checkpoint for ``state.step`` (returns before the write ends)."""
+        step = int(jax.device_get(state.step))
+        metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=True)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, target: TrainState, shardings: Any) -> tuple[TrainState, dict]:
+        """Restore ``step`` into the shapes and shardings of ``target`` (may be abstract),
+        on whatever mesh ``shardings`` describes."""
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            _as_tree(target), _as_tree(shardings))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises many types for damaged files
+            earlier = [s for s in self.steps() if s < step]
+            hint = (f"; resume from the previous checkpoint with train.resume_step={earlier[-1]}"
+                    if earlier else "")
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
+                                  f"({type(err).__name__}: {err}){hint}") from err
+        tree = restored["state"]
+        return TrainState(step=tree["step"], params=tree["params"],
+                          opt_state=tree["opt_state"], rng=tree["rng"]), restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

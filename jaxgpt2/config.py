@@ -1,0 +1,323 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides.
+
+Configs are data, never code: YAML is parsed with ``yaml.safe_load`` and every key is
+checked against the dataclasses below, so a typo fails loudly with the closest valid
+name instead of being silently ignored (nanoGPT's ``exec`` configurator cannot do that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 architecture and how to compute it.
+
+    ``dtype`` is the compute dtype; parameters are always stored in float32.
+    ``remat`` picks a ``jax.checkpoint`` policy per block (see ``model.REMAT_POLICIES``).
+    ``scan_layers`` runs the blocks under ``lax.scan`` (flat compile time) instead of a
+    Python loop (faster on GPU); the parameter layout is the same either way.
+    Frozen, so a model (and its jitted functions) can be keyed on it.
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "auto"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of 128 so the output matmul tiles evenly."""
+        return -(-self.vocab_size // 128) * 128
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "choose n_embd as a multiple of n_head")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("model.attention", self.attention, ("auto", "cudnn", "xla"))
+        from jaxgpt2.remat import REMAT_POLICIES  # local: keeps config importable alone
+        _check_choice("model.remat", self.remat, tuple(REMAT_POLICIES))
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig(GPTConfig):
+    """The ``model`` section: a GPTConfig plus where its sizes and weights come from.
+
+    ``vocab_size: null`` takes the vocabulary size from the prepared dataset.
+    ``preset`` fills the sizes of an OpenAI GPT-2 model; explicit keys still win.
+    """
+
+    vocab_size: int | None = None
+    preset: str = ""
+    init_from: str = ""
+
+    def gpt_config(self) -> GPTConfig:
+        names = [f.name for f in dataclasses.fields(GPTConfig)]
+        return GPTConfig(**{n: getattr(self, n) for n in names})
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    ``dataset`` is a bundled corpus name (``shakespeare_char``, ``shakespeare``) that is
+    prepared on first use under ``cache_dir``, or the path of a folder made by
+    ``python -m jaxgpt2.prepare``. ``mode`` is ``windows`` (random contiguous windows,
+    for pretraining) or ``padded`` (one document per row, right-padded and masked).
+    ``batch_size`` is the global micro-batch, split across devices.
+    """
+
+    dataset: str = "shakespeare_char"
+    cache_dir: str = "data"
+    mode: str = "windows"
+    batch_size: int = 32
+    prefetch: int = 2
+
+    def validate(self) -> None:
+        _check_choice("data.mode", self.mode, ("windows", "padded"))
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW under warmup + cosine decay, clipped and guarded against non-finite steps.
+
+    ``decay_steps: null`` decays over ``train.max_steps``. ``schedule: constant`` holds
+    ``lr`` after warmup (fine-tuning recipes).
+    """
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 2000
+    decay_steps: int | None = None
+    schedule: str = "cosine"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_consecutive_nonfinite: int = 5
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ConfigError(f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0")
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError("optim.max_consecutive_nonfinite must be >= 1")
+        _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, cadence of logs/evals/checkpoints, outputs and devices.
+
+    ``debug_nan_steps`` is for tests only: those steps get NaN gradients, so the
+    non-finite guard can be exercised end to end.
+    """
+
+    max_steps: int = 5000
+    grad_accum: int = 1
+    eval_interval: int = 250
+    eval_steps: int = 200
+    log_interval: int = 10
+    save_interval: int = 1000
+    keep: int = 2
+    out_dir: str = "out"
+    resume: bool = False
+    resume_step: int | None = None
+    seed: int = 1337
+    device: str = "auto"
+    sample_tokens: int = 200
+    sample_prompt: str = "\n"
+    progress: bool = True
+    debug_nan_steps: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum", "eval_interval", "log_interval", "save_interval",
+                     "keep"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.eval_steps < 0 or self.sample_tokens < 0:
+            raise ConfigError("train.eval_steps and train.sample_tokens must be >= 0")
+        _check_choice("train.device", self.device, ("auto", "cpu", "gpu", "tpu"))
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axis sizes; -1 takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        """Range checks that need no data or devices; run before anything is written."""
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}"
+                          + _suggest(str(value), choices))
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a dataclass field annotation, converting ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {annotation}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(key, v, item) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if annotation in (int, float, bool, str):
+        if type(value) is not annotation:
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r} "
+                              f"({type(value).__name__})")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r}"
+                              + _suggest(key, names) + f" (valid keys: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key} must be a section (a mapping), got {value!r}")
+            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value, "
+                          "e.g. train.max_steps=500")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_preset(tree: dict[str, Any]) -> None:
+    model = tree.get("model") or {}
+    preset = model.get("preset")
+    if not preset:
+        return
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown" + _suggest(preset, PRESETS)
+                          + f" (presets: {', '.join(PRESETS)})")
+    tree["model"] = {**PRESETS[preset], **model}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists() and path.with_suffix(".yaml").exists():
+            path = path.with_suffix(".yaml")
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} not found; configs live in configs/, "
+                              "e.g. --config configs/shakespeare_char_cpu.yaml")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(tree, override)
+    _apply_preset(tree)
+    config = _build(Config, tree, "")
+    config.validate()
+    return config
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``Config.to_dict`` (checkpoints, run folders)."""
+    return _build(Config, tree, "")

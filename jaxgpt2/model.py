@@ -1,0 +1,205 @@
+"""GPT-2 in Flax, exactly as OpenAI and Hugging Face define it.
+
+Why Flax Linen rather than NNX: the trainer is a pure function of a parameter pytree
+(jit with explicit shardings, orbax, safetensors, optax masks all take plain nested
+dicts), and Linen's ``init``/``apply`` give exactly that with no graph traversal per call
+and the same behaviour on the jax/flax versions we support. NNX's functional pattern
+(``nnx.split`` once, ``nnx.merge`` inside ``jit``) would end in the same place with more
+moving parts.
+
+Layout: parameter names follow Hugging Face's GPT-2 (``wte``, ``wpe``, ``h``, ``ln_f``;
+``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_1``, ``ln_2``) and
+Flax's ``Dense`` kernels are (in, out) like HF's Conv1D, so checkpoints map one to one.
+The blocks' parameters are stacked on a leading layer axis under ``h``; they run either
+under ``lax.scan`` (compile time independent of depth) or a Python loop over the same
+stacked tree (faster on GPU), chosen by ``GPTConfig.scan_layers``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxgpt2.config import PRESETS, GPTConfig
+from jaxgpt2.remat import remat_block
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "compute_dtype"]
+
+
+def compute_dtype(config: GPTConfig) -> jnp.dtype:
+    """The dtype activations are computed in; ``auto`` is bfloat16 on accelerators."""
+    if config.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(config.dtype)
+
+
+def attention_implementation(config: GPTConfig) -> str:
+    """cuDNN flash attention on GPU for 16-bit inputs (it supports no float32), XLA otherwise."""
+    if config.attention != "auto":
+        return config.attention
+    gpu = jax.default_backend() == "gpu"
+    return "cudnn" if gpu and compute_dtype(config) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def _init(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> nn.Dense:
+    return nn.Dense(features, use_bias=config.bias, dtype=compute_dtype(config),
+                    param_dtype=jnp.float32, kernel_init=_init(std), name=name)
+
+
+def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 even for bfloat16 inputs.
+    return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=compute_dtype(config),
+                        param_dtype=jnp.float32, name=name)
+
+
+def _residual_std(config: GPTConfig) -> float:
+    # Scaled init of residual projections, per the GPT-2 paper.
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
+           config: GPTConfig, dropout_rng: jax.Array | None) -> jax.Array:
+    """Causal attention over (B, T, H, D) inputs, optionally with a (B, T) key padding mask.
+
+    With attention dropout active, the probabilities must be materialised, so that path
+    is written out; otherwise ``jax.nn.dot_product_attention`` picks cuDNN or XLA.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    if dropout_rng is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation=attention_implementation(config))
+    T = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    if mask is not None:
+        allowed = allowed & mask
+    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - config.dropout), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        B, T, C = x.shape
+        qkv = _dense(cfg, 3 * C, "c_attn")(x)
+        q, k, v = (t.reshape(B, T, cfg.n_head, C // cfg.n_head) for t in jnp.split(qkv, 3, -1))
+        use_dropout = cfg.dropout > 0 and not deterministic
+        y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)
+        y = checkpoint_name(y.reshape(B, T, C), "attention_out")
+        y = _dense(cfg, C, "c_proj", _residual_std(cfg))(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        x = _dense(cfg, 4 * cfg.n_embd, "c_fc")(x)
+        x = nn.gelu(x, approximate=True)  # GPT-2's "gelu_new" is the tanh approximation
+        x = _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(x)
+        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        x = x + CausalSelfAttention(self.config, name="attn")(
+            _layer_norm(self.config, "ln_1")(x), key_mask, deterministic)
+        return x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: ``model.apply({'params': p}, ids, attention_mask)`` -> logits.
+
+    ``attention_mask`` (B, T) marks real tokens with 1 and padding with 0; it is combined
+    with the causal mask. Logits are float32 over the real vocabulary: the padded columns
+    of the embedding (``padded_vocab_size``) are never returned, so never predicted.
+    """
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        self.wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype,
+                            param_dtype=jnp.float32, embedding_init=_init(0.02))
+        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=dtype,
+                            param_dtype=jnp.float32, embedding_init=_init(0.02))
+        self.h = self.param("h", self._init_blocks)
+        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _init_blocks(self, rng: jax.Array) -> dict:
+        """Initialise every block independently and stack them on a leading layer axis."""
+        block = Block(self.config, parent=None)
+        sample = jnp.zeros((1, 1, self.config.n_embd), compute_dtype(self.config))
+        init_one = lambda r: block.init(r, sample, None, True)["params"]
+        return jax.vmap(init_one)(jax.random.split(rng, self.config.n_layer))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      deterministic: bool = True) -> jax.Array:
+        """Final-LayerNorm outputs (B, T, n_embd) in the compute dtype."""
+        cfg = self.config
+        T = input_ids.shape[1]
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={cfg.block_size}")
+        x = self.wte(input_ids) + self.wpe(jnp.arange(T))
+        x = self.drop(x, deterministic=deterministic)
+
+        block = Block(cfg, parent=None)
+        use_dropout = cfg.dropout > 0 and not deterministic
+
+        def run_block(x, params, rng):
+            rngs = {"dropout": rng} if use_dropout else {}
+            return block.apply({"params": params}, x, attention_mask, deterministic, rngs=rngs)
+
+        run_block = remat_block(run_block, cfg.remat)
+        rngs = (jax.random.split(self.make_rng("dropout"), cfg.n_layer) if use_dropout
+                else jnp.zeros((cfg.n_layer,), jnp.uint32))
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda x, layer: (run_block(x, *layer), None), x, (self.h, rngs))
+        else:
+            for i in range(cfg.n_layer):
+                x = run_block(x, jax.tree.map(lambda a: a[i], self.h), rngs[i])
+        return self.ln_f(x)
+
+    def padded_logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      deterministic: bool = True) -> jax.Array:
+        """Logits over the padded vocabulary in the compute dtype (the training loss masks
+        the padded columns itself, which saves materialising a float32 copy)."""
+        x = self.hidden_states(input_ids, attention_mask, deterministic)
+        return self.wte.attend(x)  # weight tying: the output projection is wte
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        logits = self.padded_logits(input_ids, attention_mask, deterministic)
+        return logits[..., : self.config.vocab_size].astype(jnp.float32)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        """Fresh float32 parameters (a plain nested dict)."""
+        ids = jnp.zeros((1, 1), jnp.int32)
+        return self.init({"params": rng}, ids)["params"]
+
+
+def count_params(params: dict, exclude_positions: bool = True) -> int:
+    """Parameter count, by default without position embeddings (as GPT-2 papers count)."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    return total - (params["wpe"]["embedding"].size if exclude_positions else 0)

@@ -1,0 +1,328 @@
+"""The training loop: wire config, data, model, optimizer, step and checkpoints together.
+
+Order of work, so that bad input never costs a finished step or an existing file: the
+config is validated, the data opened and checked, the output folder tested for writing
+and a resume checked for compatibility, all before the first step is compiled.
+Metrics are fetched one step late, so the host never stalls the device to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from jaxgpt2.checkpoint import Checkpointer
+from jaxgpt2.config import Config, ConfigError, GPTConfig
+from jaxgpt2.data import BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
+from jaxgpt2.generate import generate
+from jaxgpt2.model import GPT, count_params
+from jaxgpt2.optim import learning_rate_schedule, make_optimizer
+from jaxgpt2 import sharding
+from jaxgpt2.step import TrainState, create_train_state, make_eval_step, make_train_step
+
+# Fields that define what a checkpoint *is*; changing them on resume is an error.
+# Everything else (steps, cadence, schedule length, batch size) may change and is logged.
+INCOMPATIBLE_ON_RESUME = ("model.vocab_size", "model.block_size", "model.n_layer",
+                          "model.n_head", "model.n_embd", "model.bias", "data.tokenizer")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite gradients."""
+
+
+def resolve_model_config(config: Config, dataset: Dataset, platform: str) -> GPTConfig:
+    """The model's config with ``null``/``auto`` values decided by the data and devices."""
+    gpt = config.model.gpt_config()
+    vocab = dataset.vocab_size
+    if config.model.vocab_size is None:
+        gpt = dataclasses.replace(gpt, vocab_size=vocab)
+    elif config.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                          f"dataset's vocabulary ({vocab}, from {dataset.path}/meta.json); "
+                          "set model.vocab_size to null to take it from the data")
+    if gpt.dtype == "auto":
+        gpt = dataclasses.replace(gpt, dtype="bfloat16" if platform in ("gpu", "tpu") else "float32")
+    if gpt.attention == "auto":
+        sixteen_bit = gpt.dtype in ("bfloat16", "float16")
+        gpt = dataclasses.replace(gpt, attention="cudnn" if platform == "gpu" and sixteen_bit else "xla")
+    gpt.validate()
+    return gpt
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"train.out_dir={str(out_dir)!r} is not writable ({err.strerror}); "
+                          "choose another folder with train.out_dir=...") from None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """SIGINT/SIGTERM set a flag instead of killing the process, so the loop can finish
+    the current step and write a checkpoint (a cluster's preemption, a Ctrl-C)."""
+    flag = {"signal": None}
+    handler = lambda signum, _frame: flag.update(signal=signal.Signals(signum).name)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line), written by process 0 only."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a") if jax.process_index() == 0 else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def say(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def differing_fields(saved: dict, current: dict) -> list[str]:
+    diffs = []
+    for dotted in INCOMPATIBLE_ON_RESUME:
+        section, key = dotted.split(".")
+        a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if a != b:
+            diffs.append(f"{dotted}: checkpoint {a!r}, now {b!r}")
+    return diffs
+
+
+class Trainer:
+    """Owns the run's state; ``run()`` trains to ``train.max_steps`` and returns a summary."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        tc = config.train
+        sharding.maybe_initialize_distributed()
+        self.devices = sharding.select_devices(tc.device)
+        self.mesh = sharding.make_mesh(config.mesh, self.devices)
+        sharding.check_batch_divides(config.data.batch_size, self.mesh)
+
+        data_dir = resolve_dataset_dir(config.data.dataset, config.data.cache_dir)
+        block = config.model.block_size
+        self.dataset = open_dataset(data_dir, min_tokens=block + 1)
+        self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform)
+        self.model = GPT(self.gpt_config)
+
+        self.out_dir = Path(tc.out_dir)
+        check_writable(self.out_dir)
+        self.resolved = config.to_dict()
+        self.resolved["model"].update(dataclasses.asdict(self.gpt_config))
+        self.resolved["data"]["tokenizer"] = self.dataset.meta["tokenizer"]
+
+        self.schedule = learning_rate_schedule(config.optim, tc.max_steps)
+        self.optimizer = make_optimizer(config.optim, tc.max_steps)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=tc.keep)
+        self._build_state()
+        self._compile()
+
+    # -- set-up -------------------------------------------------------------------------
+    def _build_state(self) -> None:
+        tc = self.config.train
+        init = lambda: create_train_state(
+            self.model.init_params(jax.random.PRNGKey(tc.seed)), self.optimizer, tc.seed)
+        abstract = jax.eval_shape(init)
+        self.state_sharding = sharding.state_shardings(abstract, self.mesh)
+        self.state_sharding = self.state_sharding.replace(
+            step=self._replicated(), rng=self._replicated())
+        resume_step = self._resume_step()
+        if resume_step is None:
+            self.state = jax.jit(init, out_shardings=self.state_sharding)()
+            return
+        meta = self.checkpointer.read_meta(resume_step)
+        diffs = differing_fields(meta["config"], self.resolved)
+        if diffs:
+            raise ConfigError("cannot resume: the checkpoint was made with a different setup: "
+                              + "; ".join(diffs))
+        self.state, _ = self.checkpointer.restore(resume_step, abstract, self.state_sharding)
+        self._log_resume_changes(meta["config"])
+        say(f"resumed from {self.checkpointer.directory / str(resume_step)}")
+
+    def _resume_step(self) -> int | None:
+        tc = self.config.train
+        if tc.resume_step is not None:
+            return tc.resume_step
+        return self.checkpointer.latest_step() if tc.resume else None
+
+    def _log_resume_changes(self, saved: dict) -> None:
+        for section, values in self.resolved.items():
+            if not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                old = saved.get(section, {}).get(key)
+                if old != value and key not in ("resume", "resume_step"):
+                    say(f"resume: {section}.{key} changed from {old!r} to {value!r}")
+
+    def _replicated(self):
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def _compile(self) -> None:
+        tc, dc = self.config.train, self.config.data
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        step_fn = make_train_step(self.model, self.optimizer, self.schedule, tc.debug_nan_steps)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                                  out_shardings=(self.state_sharding, self._replicated()),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.model),
+                                 in_shardings=(self.state_sharding.params, self.batch_sharding),
+                                 out_shardings=self._replicated())
+        rows = sharding.process_rows(dc.batch_size)
+        block = self.gpt_config.block_size
+        self.train_source = BatchSource(self.dataset.train, dc.mode, dc.batch_size, block,
+                                        tc.grad_accum, tc.seed, 0, *rows)
+        self.val_source = BatchSource(self.dataset.val, dc.mode, dc.batch_size, block,
+                                      1, tc.seed, 1, *rows)
+
+    def _place(self, batch: dict) -> dict:
+        return sharding.place_batch(batch, self.batch_sharding, self.config.data.batch_size)
+
+    # -- the loop -----------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Mean loss over ``train.eval_steps`` fixed validation batches (the same ones at
+        every evaluation, so successive values are comparable)."""
+        total, count = 0.0, 0.0
+        for i in range(self.config.train.eval_steps):
+            loss_sum, n = self.eval_step(self.state.params, self._place(self.val_source(i)))
+            total, count = total + float(loss_sum), count + float(n)
+        return total / max(count, 1.0)
+
+    def _checkpoint_meta(self) -> dict:
+        return {"config": self.resolved, "data": {"seed": self.config.train.seed,
+                                                  "next_step": int(jax.device_get(self.state.step))},
+                "tokenizer": {k: v for k, v in self.dataset.meta.items()
+                              if k in ("tokenizer", "vocab_size", "chars", "eot_id")}}
+
+    def save(self, val_loss: float | None = None) -> None:
+        self.checkpointer.save(self.state, self._checkpoint_meta(), val_loss)
+
+    def _describe(self) -> None:
+        tc, dc = self.config.train, self.config.data
+        n_dev = len(self.devices)
+        tokens = dc.batch_size * tc.grad_accum * self.gpt_config.block_size
+        say(f"devices: {n_dev} x {self.devices[0].device_kind} ({self.devices[0].platform}); "
+            f"mesh {dict(self.mesh.shape)}; processes: {jax.process_count()}")
+        say(f"model: {count_params(self.state.params) / 1e6:.2f}M parameters, "
+            f"{self.gpt_config.n_layer} layers, {self.gpt_config.n_embd} wide, compute "
+            f"{self.gpt_config.dtype}, attention {self.gpt_config.attention}, remat "
+            f"{self.gpt_config.remat}")
+        say(f"batch: global {dc.batch_size * tc.grad_accum} = micro-batch {dc.batch_size // n_dev}"
+            f" per device x {n_dev} devices x {tc.grad_accum} accumulation; {tokens:,} tokens/step")
+
+    def run(self) -> dict:
+        tc = self.config.train
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+        self._describe()
+        start = int(jax.device_get(self.state.step))
+        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        prefetch = Prefetcher(self.train_source, self._place, start, self.config.data.prefetch)
+        bar = tqdm(total=tc.max_steps, initial=start, disable=not tc.progress
+                   or jax.process_index() != 0, dynamic_ncols=True)
+        summary: dict = {"start_step": start}
+        pending = None  # (step, device metrics) of the previous step, read one step late
+        self._window = [time.perf_counter(), 0.0]  # throughput window: start time, tokens
+        last_val = None
+        try:
+            with stop_on_signals() as stop:
+                step = start
+                while step < tc.max_steps:
+                    _, batch = prefetch.next()
+                    self.state, metrics = self.train_step(self.state, batch)
+                    step += 1
+                    if pending is not None:
+                        self._report(*pending, log, bar, summary)
+                    pending = (step, metrics)
+                    bar.update(1)
+                    must_eval = step % tc.eval_interval == 0 or step == tc.max_steps
+                    must_save = step % tc.save_interval == 0 or step == tc.max_steps
+                    if must_eval or must_save or stop["signal"]:
+                        self._report(*pending, log, bar, summary, force=True)
+                        pending = None
+                    if must_eval and tc.eval_steps:
+                        last_val = self.evaluate()
+                        log.write({"step": step, "val_loss": last_val})
+                        say(f"step {step}: val_loss {last_val:.4f}")
+                        summary["val_loss"] = last_val
+                    if must_save or stop["signal"]:
+                        self.save(last_val if must_eval else None)
+                    if must_eval or must_save:
+                        self._window = [time.perf_counter(), 0.0]  # exclude eval/save time
+                    if stop["signal"]:
+                        say(f"{stop['signal']}: saved step {step}; resume with: python train.py "
+                            f"--config <same config> train.out_dir={self.out_dir} train.resume=true")
+                        summary["stopped_by"] = stop["signal"]
+                        break
+                if pending is not None:
+                    self._report(*pending, log, bar, summary, force=True)
+        finally:
+            prefetch.close()
+            bar.close()
+            log.close()
+            self.checkpointer.wait()
+        summary["step"] = int(jax.device_get(self.state.step))
+        return summary
+
+    def _report(self, step: int, device_metrics: dict, log: MetricsLog, bar, summary: dict,
+                force: bool = False) -> None:
+        """Read a finished step's metrics, enforce the non-finite limit, and log every
+        ``log_interval`` steps (or when ``force``d before an eval or save)."""
+        m = jax.device_get(device_metrics)
+        self._window[1] += float(m["tokens"])
+        summary["train_loss"] = float(m["loss"])
+        summary.setdefault("first_loss", float(m["loss"]))
+        if not bool(m["applied"]):
+            say(f"step {step}: non-finite gradient, update skipped "
+                f"({int(m['nonfinite_streak'])} in a row)")
+            summary["skipped_steps"] = summary.get("skipped_steps", []) + [step]
+            limit = self.config.optim.max_consecutive_nonfinite
+            if int(m["nonfinite_streak"]) >= limit:
+                raise NonFiniteError(
+                    f"{limit} consecutive steps had non-finite gradients (last: step {step}); "
+                    "stopping. The last good checkpoint is untouched; lower optim.lr or check "
+                    "the data, then resume with train.resume=true")
+        if step % self.config.train.log_interval and not force:
+            return
+        elapsed = max(time.perf_counter() - self._window[0], 1e-9)
+        record = {"step": step, "train_loss": float(m["loss"]), "lr": float(m["lr"]),
+                  "grad_norm": float(m["grad_norm"]), "tokens_per_sec": self._window[1] / elapsed}
+        log.write(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+        self._window = [time.perf_counter(), 0.0]
+
+    def sample(self) -> str:
+        """A short sample from the trained model (printed at the end of a run)."""
+        tokenizer = self.dataset.tokenizer()
+        tc = self.config.train
+        prompt = tokenizer.encode(tc.sample_prompt) or [tokenizer.eot_id or 0]
+        params = jax.device_get(self.state.params)
+        ids = generate(self.model, params, np.asarray([prompt]), tc.sample_tokens,
+                       temperature=0.8, top_k=200, seed=tc.seed)
+        return tokenizer.decode(ids[0].tolist())

@@ -1,0 +1,37 @@
+"""Train a GPT-2: ``python train.py --config configs/<name>.yaml [section.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxgpt2.checkpoint import CheckpointError
+from jaxgpt2.config import ConfigError, load_config
+from jaxgpt2.data import DataError
+from jaxgpt2.trainer import NonFiniteError, Trainer, say
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", help="YAML config file, e.g. configs/shakespeare_char_cpu.yaml")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (same as train.out_dir=RUN_DIR train.resume=true)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=500")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides += [f"train.out_dir={args.resume}", "train.resume=true"]
+    try:
+        config = load_config(args.config, overrides)
+        trainer = Trainer(config)
+        summary = trainer.run()
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if "stopped_by" not in summary and config.train.sample_tokens:
+        say("sample:\n" + trainer.sample())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
