@@ -245,6 +245,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return [_coerce(key, v, item) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if annotation in (int, float, bool, str):
@@ -261,7 +266,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key!r}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'"
                               + _suggest(key, names) + f" (valid keys: {', '.join(names)})")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):

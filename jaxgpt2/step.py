@@ -99,7 +99,7 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
         metrics = {
             "loss": loss_sum / count,
             "tokens": count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(applied_before),
             "applied": opt_state.notfinite_count == 0,
             "nonfinite_streak": opt_state.notfinite_count,
