@@ -295,13 +295,15 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(file, framework="numpy"))
                    for file in weight_files}
-        for name, param_path, layer, shape in specs:
+        for name, _, _, shape in specs:  # headers only: fail before reading any data
             file, key = stored[name]
             found = tuple(handles[file].get_slice(key).get_shape())
             if found != shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {found}, expected {shape} "
                                  f"from {config_path} (vocab_size={config.vocab_size}, "
                                  f"n_positions={config.block_size}, n_embd={config.n_embd})")
+        for name, param_path, layer, shape in specs:
+            file, key = stored[name]
             value = handles[file].get_tensor(key)
             if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
                 raise ValueError(f"{file}: tensor {key!r} has dtype {value.dtype}, "

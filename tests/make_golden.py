@@ -120,7 +120,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         for key in sorted(arrays):
             buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            np.lib.format.write_array(buf, np.asarray(arrays[key], order="C"), allow_pickle=False)
             zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
                         buf.getvalue())
 
@@ -154,7 +154,7 @@ def make(name: str, shape: dict, seed: int) -> None:
     sdpa = GPT2LMHeadModel(config).eval()
     sdpa.load_state_dict(model.state_dict())
     sdpa.set_attn_implementation("sdpa")
-    arrays: dict[str, np.ndarray] = {"logit_cols": cols}
+    arrays: dict[str, np.ndarray] = {"logit_cols": cols.astype(np.int32)}
     for v, (x, m) in batches.items():
         out = forward(model, x, m)
         real = m.astype(bool)
