@@ -26,6 +26,7 @@ from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import Config, ConfigError, GPTConfig
 from jaxgpt2.data import BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
 from jaxgpt2.generate import generate
+from jaxgpt2.hf import load_pretrained
 from jaxgpt2.model import GPT, count_params
 from jaxgpt2.optim import learning_rate_schedule, make_optimizer
 from jaxgpt2 import sharding
@@ -41,9 +42,22 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with non-finite gradients."""
 
 
-def resolve_model_config(config: Config, dataset: Dataset, platform: str) -> GPTConfig:
-    """The model's config with ``null``/``auto`` values decided by the data and devices."""
+def resolve_model_config(config: Config, dataset: Dataset, platform: str,
+                         pretrained: GPTConfig | None = None) -> GPTConfig:
+    """The model's config with ``null``/``auto`` values decided by the data and devices.
+
+    With ``model.init_from``, the architecture comes from the pretrained model; the
+    block size may only shrink (position embeddings are cropped, as nanoGPT does).
+    """
     gpt = config.model.gpt_config()
+    if pretrained is not None:
+        if gpt.block_size > pretrained.block_size:
+            raise ConfigError(f"model.block_size={gpt.block_size} exceeds the pretrained "
+                              f"model's {pretrained.block_size} positions")
+        gpt = dataclasses.replace(gpt, vocab_size=pretrained.vocab_size, n_layer=pretrained.n_layer,
+                                  n_head=pretrained.n_head, n_embd=pretrained.n_embd, bias=True)
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, vocab_size=pretrained.vocab_size))
     vocab = dataset.vocab_size
     if config.model.vocab_size is None:
         gpt = dataclasses.replace(gpt, vocab_size=vocab)
@@ -130,7 +144,9 @@ class Trainer:
         data_dir = resolve_dataset_dir(config.data.dataset, config.data.cache_dir)
         block = config.model.block_size
         self.dataset = open_dataset(data_dir, min_tokens=block + 1)
-        self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform)
+        self.pretrained = load_pretrained(config.model.init_from) if config.model.init_from else None
+        self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
+                                               self.pretrained[0] if self.pretrained else None)
         self.model = GPT(self.gpt_config)
 
         self.out_dir = Path(tc.out_dir)
@@ -148,24 +164,38 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------
     def _build_state(self) -> None:
         tc = self.config.train
-        init = lambda: create_train_state(
+        scratch = lambda: create_train_state(
             self.model.init_params(jax.random.PRNGKey(tc.seed)), self.optimizer, tc.seed)
-        abstract = jax.eval_shape(init)
+        abstract = jax.eval_shape(scratch)
         self.state_sharding = sharding.state_shardings(abstract, self.mesh)
         self.state_sharding = self.state_sharding.replace(
             step=self._replicated(), rng=self._replicated())
         resume_step = self._resume_step()
-        if resume_step is None:
-            self.state = jax.jit(init, out_shardings=self.state_sharding)()
-            return
-        meta = self.checkpointer.read_meta(resume_step)
+        if resume_step is not None:
+            self._restore(resume_step, abstract)
+        elif self.pretrained is None:
+            self.state = jax.jit(scratch, out_shardings=self.state_sharding)()
+        else:
+            # Weights enter as an argument, never as constants baked into the program.
+            params = jax.device_put(self._pretrained_params(), self.state_sharding.params)
+            self.state = jax.jit(lambda p: create_train_state(p, self.optimizer, tc.seed),
+                                 out_shardings=self.state_sharding, donate_argnums=0)(params)
+
+    def _restore(self, step: int, abstract: TrainState) -> None:
+        meta = self.checkpointer.read_meta(step)
         diffs = differing_fields(meta["config"], self.resolved)
         if diffs:
             raise ConfigError("cannot resume: the checkpoint was made with a different setup: "
                               + "; ".join(diffs))
-        self.state, _ = self.checkpointer.restore(resume_step, abstract, self.state_sharding)
+        self.state, _ = self.checkpointer.restore(step, abstract, self.state_sharding)
         self._log_resume_changes(meta["config"])
-        say(f"resumed from {self.checkpointer.directory / str(resume_step)}")
+        say(f"resumed from {self.checkpointer.directory / str(step)}")
+
+    def _pretrained_params(self) -> dict:
+        """The ``model.init_from`` weights, position embeddings cropped to ``block_size``."""
+        params = dict(self.pretrained[1])
+        params["wpe"] = {"embedding": params["wpe"]["embedding"][: self.gpt_config.block_size]}
+        return params
 
     def _resume_step(self) -> int | None:
         tc = self.config.train

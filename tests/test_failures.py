@@ -1,0 +1,96 @@
+"""Failures: killed saves, corrupt checkpoints, bad folders; clear errors, nothing lost."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxgpt2.checkpoint import CheckpointError
+from jaxgpt2.config import ConfigError
+from jaxgpt2.trainer import Trainer
+from test_resume import _train_process, _wait_for_step, losses, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_sigkill_during_saves_resumes_from_a_complete_checkpoint(tmp_path):
+    # Saving every step keeps an asynchronous save in flight almost all the time.
+    proc = _train_process(tmp_path, "run", "train.max_steps=100000", "train.save_interval=1",
+                          "train.eval_interval=100000", "train.keep=3")
+    _wait_for_step(tmp_path / "run", 8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    complete = checkpoint_steps(tmp_path / "run")
+    assert complete, "some checkpoint should have completed before the kill"
+    resume = _train_process(tmp_path, "run", f"train.max_steps={complete[-1] + 3}",
+                            "train.resume=true", "train.save_interval=100000",
+                            "train.eval_interval=100000")
+    out, _ = resume.communicate(timeout=120)
+    assert resume.returncode == 0, out
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / str(complete[-1])}" in out
+    assert max(losses(tmp_path / "run")) == complete[-1] + 3
+    # No half-written step folder is left that could pass for a checkpoint.
+    assert all(p.name.isdigit() or "tmp" not in p.name
+               for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_corrupt_checkpoint_names_the_file_and_offers_the_previous_one(tmp_path):
+    Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.save_interval=2",
+                        "train.keep=5")).run()
+    assert checkpoint_steps(tmp_path / "run") == [2, 4]
+    state_dir = tmp_path / "run" / "checkpoints" / "4" / "state"
+    for file in state_dir.rglob("*"):
+        if file.is_file() and file.stat().st_size > 0 and "manifest" not in file.name:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be read.*train.resume_step=2"):
+        Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true"))
+    after = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    assert before == after, "a failed resume must not touch the run folder"
+    resumed = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume_step=2"))
+    assert int(resumed.state.step) == 2
+
+
+def test_unwritable_out_dir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is not writable"):
+        Trainer(make_config(tmp_path, "file/run"))
+
+
+def test_vocabulary_smaller_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.vocab_size=50 is smaller than the dataset's vocabulary \(65"):
+        Trainer(make_config(tmp_path, "run", "model.vocab_size=50"))
+
+
+def test_batch_not_divisible_across_devices_is_refused(tmp_path):
+    code = (
+        "import os; os.environ['XLA_FLAGS']='--xla_force_host_platform_device_count=4';"
+        "import sys; sys.path.insert(0, 'tests');"
+        "from jaxgpt2.config import ConfigError;"
+        "from jaxgpt2.trainer import Trainer;"
+        "from test_resume import make_config;"
+        "from pathlib import Path;"
+        f"p = Path({str(tmp_path)!r});"
+        "\ntry:\n  Trainer(make_config(p, 'run', 'data.batch_size=6'))\n"
+        "except ConfigError as e:\n  print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "ERR data.batch_size=6 cannot be split evenly across 4 devices" in out.stdout, out.stderr
+
+
+def test_missing_data_folder_exits_non_zero_with_the_fix(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.yaml",
+         f"data.dataset={tmp_path / 'nowhere'}", f"train.out_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "does not exist; make one with `python -m jaxgpt2.prepare" in result.stderr
+    assert not (tmp_path / "run").exists()
