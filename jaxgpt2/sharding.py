@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgpt2.config import ConfigError, MeshConfig
@@ -24,7 +25,14 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
                                  process_id: int = -1) -> None:
     """Join a multi-host run when the environment describes one (explicit arguments,
     JAX's ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or a
-    cluster JAX detects itself, such as SLURM); do nothing for a single process."""
+    cluster JAX detects itself, such as SLURM); do nothing for a single process, or when
+    already joined (a second Trainer in the same process).
+
+    On CPU, cross-process collectives go through gloo, JAX's default since 0.5.1
+    (``JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi`` picks MPI instead); nothing to set here.
+    """
+    if jax.distributed.is_initialized():
+        return
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     if process_id < 0:
@@ -98,6 +106,12 @@ def process_rows(batch_size: int) -> tuple[int, int]:
     per_process = batch_size // jax.process_count()
     start = jax.process_index() * per_process
     return start, start + per_process
+
+
+def to_host(tree: Any) -> Any:
+    """Whole numpy copies of (possibly sharded, possibly multi-host) arrays, on every
+    process; ``jax.device_get`` fails on arrays with shards in other processes."""
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def place_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,

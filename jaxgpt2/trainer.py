@@ -77,7 +77,7 @@ def resolve_model_config(config: Config, dataset: Dataset, platform: str,
 def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
+        probe = out_dir / f".write_test.{jax.process_index()}"  # processes may share out_dir
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -352,7 +352,7 @@ class Trainer:
         tokenizer = self.dataset.tokenizer()
         tc = self.config.train
         prompt = tokenizer.encode(tc.sample_prompt) or [tokenizer.eot_id or 0]
-        params = jax.device_get(self.state.params)
+        params = sharding.to_host(self.state.params)  # whole, even if split across hosts
         ids = generate(self.model, params, np.asarray([prompt]), tc.sample_tokens,
                        temperature=0.8, top_k=200, seed=tc.seed)
         return tokenizer.decode(ids[0].tolist())
