@@ -1,23 +1,44 @@
-"""Autoregressive sampling: temperature, top-k, top-p, greedy at temperature 0.
+"""Autoregressive sampling with a key/value cache: temperature, top-k, top-p, greedy at 0.
 
-Only the real vocabulary is ever sampled: the model returns logits over
-``config.vocab_size`` columns, never the padded ones.
+The prompt runs through the model once (prefill) and every layer's keys and values are
+kept in a ``KVCache`` of ``block_size`` positions; each new token then runs the model on
+one position only. The whole generation is one jitted program (a ``lax.scan`` over the
+new tokens), so the host dispatches once and fetches the tokens once.
+
+Past ``block_size``: a GPT-2 cache cannot slide, because positions are learned absolute
+embeddings added at the input, so shifting the window changes every cached key and
+value. Once prompt plus new tokens reach ``block_size``, the remaining tokens come from
+the uncached path over the last ``block_size`` tokens (nanoGPT's cropped context), at
+the cost of a full forward pass each. ``use_cache=False`` runs that path for every token:
+it is the reference the cached path is tested against and the baseline of
+``bench_sampling.py``.
+
+Token ``i`` is drawn with ``fold_in(PRNGKey(seed), i)`` on either path, so both draw the
+same tokens for the same seed (barring float near-ties). Only the real vocabulary is
+sampled: the model's logits have ``config.vocab_size`` columns, never the padded ones.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt2.model import GPT
+from jaxgpt2.model import GPT, KVCache, compute_dtype
+
+Picker = Callable[[jax.Array, int | jax.Array], jax.Array]
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float,
                   top_k: int | None, top_p: float | None) -> jax.Array:
-    """Pick one token id per row of (B, V) float32 logits."""
+    """Pick one token id per row of (B, V) float32 logits.
+
+    Filters apply in Hugging Face's order: temperature, then top-k, then top-p (the
+    smallest set of tokens whose probability reaches ``top_p``, always at least one).
+    """
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
@@ -35,38 +56,122 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float,
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
-def _next_token(model: GPT, params, window: jax.Array, position: jax.Array, rng: jax.Array,
-                temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    logits = model.apply({"params": params}, window)
-    last = jnp.take_along_axis(logits, position[None, None, None].repeat(window.shape[0], 0), axis=1)[:, 0]
-    return sample_logits(last, rng, temperature, top_k, top_p)
-
-
 def generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0) -> np.ndarray:
-    """Extend each row of ``prompt_ids`` (B, P) by ``max_new_tokens`` sampled tokens.
+             seed: int = 0, use_cache: bool = True) -> np.ndarray:
+    """Extend each row of ``prompt_ids`` (B, P), or one prompt (P,), by ``max_new_tokens``
+    tokens; returns (B, P + max_new_tokens) int32 ids, prompt included.
 
-    The context is the last ``block_size`` tokens (a sliding window, as nanoGPT does).
+    ``temperature=0`` is greedy decoding; ``top_k`` of 0/None and ``top_p`` of 1/None
+    disable those filters. Rows share the prompt length (pad nothing; sample several
+    continuations of one prompt by repeating it).
     """
-    tokens = np.asarray(prompt_ids, dtype=np.int32)
+    tokens = _check_prompt(prompt_ids, model.config.vocab_size)
+    top_k, top_p = _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return tokens
+    room = model.config.block_size - tokens.shape[1] + 1  # tokens the cache can produce
+    n_cached = min(max_new_tokens, max(room, 0)) if use_cache else 0
+    new = _generate(model, params, jnp.asarray(tokens), jax.random.PRNGKey(seed),
+                    max_new_tokens, n_cached, float(temperature), top_k, top_p)
+    return np.concatenate([tokens, np.asarray(new, np.int32)], axis=1)
+
+
+def _check_prompt(prompt_ids: np.ndarray, vocab: int) -> np.ndarray:
+    tokens = np.asarray(prompt_ids)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.shape[1] == 0:
-        raise ValueError("the prompt must hold at least one token")
-    vocab = model.config.vocab_size
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"the prompt must be (batch, length) with at least one token; "
+                         f"got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"prompt token ids must be integers, got {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= vocab:
         raise ValueError(f"prompt token ids must be in [0, {vocab}); got {tokens.min()}..{tokens.max()}")
+    return tokens.astype(np.int32)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
+                    top_p: float | None) -> tuple[int | None, float | None]:
+    """Validate, and normalise the 'off' values so they share one compiled program."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 1 (or 0/None for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return (top_k or None), (None if top_p is None or top_p >= 1.0 else float(top_p))
+
+
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "n_cached", "temperature",
+                                   "top_k", "top_p"))
+def _generate(model: GPT, params, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
+              n_cached: int, temperature: float, top_k: int | None,
+              top_p: float | None) -> jax.Array:
+    """(B, max_new_tokens) new tokens: ``n_cached`` from the cache, the rest uncached."""
+    params = weights_in_compute_dtype(params, compute_dtype(model.config))
+
+    def pick(logits: jax.Array, i: int | jax.Array) -> jax.Array:
+        return sample_logits(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+
+    tokens = prompt
+    if n_cached:
+        tokens = jnp.concatenate([tokens, _cached_tokens(model, params, prompt, n_cached, pick)], 1)
+    if n_cached < max_new_tokens:
+        tokens = jnp.concatenate([tokens, _windowed_tokens(
+            model, params, tokens, max_new_tokens - n_cached, n_cached, pick)], 1)
+    return tokens[:, prompt.shape[1]:]
+
+
+def weights_in_compute_dtype(params: dict, dtype: jnp.dtype) -> dict:
+    """Every parameter but LayerNorm's cast to the compute dtype, once, outside the token
+    loop (else XLA converts the float32 weights again at every step, and reads twice the
+    bytes). Dense, Embed and the tied head cast them to that dtype before use anyway, so
+    the results are identical; Flax's LayerNorm multiplies its scale in float32, so LayerNorm
+    parameters stay as they are."""
+    def cast(path, leaf):
+        is_norm = any(getattr(key, "key", "").startswith("ln_") for key in path)
+        return leaf if is_norm else leaf.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _cached_tokens(model: GPT, params, prompt: jax.Array, n: int, pick: Picker) -> jax.Array:
+    """(B, n) tokens: prefill the prompt into an empty cache, then one position a step.
+    Needs ``prompt length + n - 1 <= block_size`` (the last token is never fed back)."""
+    cache = KVCache.empty(model.config, prompt.shape[0])
+    logits, cache = model.apply({"params": params}, prompt, cache, method=GPT.decode)
+    first = pick(logits[:, -1], 0)
+
+    def step(carry, i):
+        cache, token = carry
+        logits, cache = model.apply({"params": params}, token[:, None], cache, method=GPT.decode)
+        token = pick(logits[:, -1], i)
+        return (cache, token), token
+
+    _, rest = jax.lax.scan(step, (cache, first), jnp.arange(1, n))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def _windowed_tokens(model: GPT, params, tokens: jax.Array, n: int, first_index: int,
+                     pick: Picker) -> jax.Array:
+    """(B, n) tokens after ``tokens``, each from a full forward pass over the last
+    ``block_size`` tokens (no cache). The window always has ``block_size`` columns, so
+    one program serves every step; columns after the last real token are ignored by
+    the causal mask."""
     block = model.config.block_size
-    rng = jax.random.PRNGKey(seed)
-    for _ in range(max_new_tokens):
-        context = tokens[:, -block:]
-        length = context.shape[1]
-        window = np.zeros((tokens.shape[0], block), np.int32)
-        window[:, :length] = context
-        rng, step_rng = jax.random.split(rng)
-        nxt = _next_token(model, params, jnp.asarray(window), jnp.asarray(length - 1), step_rng,
-                          temperature, top_k, top_p)
-        tokens = np.concatenate([tokens, np.asarray(nxt, np.int32)[:, None]], axis=1)
-    return tokens
+    batch, length0 = tokens.shape
+    buf = jnp.zeros((batch, max(length0 + n, block)), tokens.dtype).at[:, :length0].set(tokens)
+
+    def step(i, buf):
+        length = length0 + i
+        start = jnp.maximum(length - block, 0)
+        window = jax.lax.dynamic_slice_in_dim(buf, start, block, axis=1)
+        hidden = model.apply({"params": params}, window, method=GPT.hidden_states)
+        last = jax.lax.dynamic_index_in_dim(hidden, length - 1 - start, axis=1)
+        logits = model.apply({"params": params}, last, method=GPT.logits)[:, 0]
+        return jax.lax.dynamic_update_index_in_dim(
+            buf, pick(logits, first_index + i).astype(buf.dtype), length, axis=1)
+
+    return jax.lax.fori_loop(0, n, step, buf)[:, length0:length0 + n]

@@ -13,13 +13,18 @@ Flax's ``Dense`` kernels are (in, out) like HF's Conv1D, so checkpoints map one 
 The blocks' parameters are stacked on a leading layer axis under ``h``; they run either
 under ``lax.scan`` (compile time independent of depth) or a Python loop over the same
 stacked tree (faster on GPU), chosen by ``GPTConfig.scan_layers``.
+
+Generation uses ``GPT.decode``: the same blocks and parameters, fed only the new
+positions, with every layer's past keys and values kept in a ``KVCache``.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -27,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxgpt2.config import PRESETS, GPTConfig
 from jaxgpt2.remat import remat_block
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "compute_dtype"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "compute_dtype"]
 
 
 def compute_dtype(config: GPTConfig) -> jnp.dtype:
@@ -88,20 +93,58 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def attend_with_past(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array,
+                     past_v: jax.Array, start: jax.Array) -> jax.Array:
+    """Causal attention of T new positions ``start .. start+T-1`` (B, T, H, D) over one
+    layer's cached keys/values (B, S, H, D), of which only positions ``< start`` count.
+
+    The math of ``jax.nn.dot_product_attention``'s XLA path (float32 scores and softmax,
+    probabilities cast to the value dtype), with the keys in two parts, cache and new, so
+    the cache is read where it lies instead of being copied to append the new keys.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    T, S = q.shape[1], past_k.shape[1]
+    f32 = jnp.float32
+    old = jnp.einsum("bqhd,bkhd->bhqk", q, past_k, preferred_element_type=f32) * scale
+    new = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
+    lowest = jnp.finfo(f32).min
+    old = jnp.where(jnp.arange(S) < start, old, lowest)
+    new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), new, lowest)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
+    y = (jnp.einsum("bhqk,bkhd->bqhd", probs[..., :S], past_v, preferred_element_type=f32)
+         + jnp.einsum("bhqk,bkhd->bqhd", probs[..., S:], v, preferred_element_type=f32))
+    return y.astype(v.dtype)
+
+
+# One layer's cached keys and values (B, S, H, D) and the position of the first new token.
+Past = tuple[jax.Array, jax.Array, jax.Array]
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention.
+
+    With ``past`` (decoding), ``x`` holds only the new positions and the result is
+    ``(y, (k, v))``: their keys and values, which the caller writes into its cache.
+    """
+
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool,
+                 past: Past | None = None):
         cfg = self.config
         B, T, C = x.shape
         qkv = _dense(cfg, 3 * C, "c_attn")(x)
         q, k, v = (t.reshape(B, T, cfg.n_head, C // cfg.n_head) for t in jnp.split(qkv, 3, -1))
-        use_dropout = cfg.dropout > 0 and not deterministic
-        y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)
+        if past is None:
+            use_dropout = cfg.dropout > 0 and not deterministic
+            y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)
+        else:
+            y = attend_with_past(q, k, v, *past)
         y = checkpoint_name(y.reshape(B, T, C), "attention_out")
         y = _dense(cfg, C, "c_proj", _residual_std(cfg))(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return y if past is None else (y, (k, v))
 
 
 class MLP(nn.Module):
@@ -117,13 +160,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm transformer block; with ``past`` it returns ``(x, (k, v))`` as
+    ``CausalSelfAttention`` does."""
+
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        x = x + CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), key_mask, deterministic)
-        return x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool,
+                 past: Past | None = None):
+        y = CausalSelfAttention(self.config, name="attn")(
+            _layer_norm(self.config, "ln_1")(x), key_mask, deterministic, past)
+        y, new_kv = (y, None) if past is None else y
+        x = x + y
+        x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+        return x if past is None else (x, new_kv)
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Every layer's keys and values for the positions decoded so far (``GPT.decode``).
+
+    ``k`` and ``v`` are (n_layer, B, block_size, n_head, head_dim) in the compute dtype;
+    positions ``>= length`` hold nothing yet and are masked out. The size is fixed at
+    ``block_size``, so every decode step has the same shapes and compiles once.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array  # int32 scalar: positions filled so far
+
+    @classmethod
+    def empty(cls, config: GPTConfig, batch_size: int) -> "KVCache":
+        shape = (config.n_layer, batch_size, config.block_size, config.n_head,
+                 config.n_embd // config.n_head)
+        dtype = compute_dtype(config)  # two buffers, so a jitted step may donate both
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   length=jnp.zeros((), jnp.int32))
 
 
 class GPT(nn.Module):
@@ -188,15 +259,63 @@ class GPT(nn.Module):
         x = self.hidden_states(input_ids, attention_mask, deterministic)
         return self.wte.attend(x)  # weight tying: the output projection is wte
 
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits over the real vocabulary from final hidden states (tied head)."""
+        return self.wte.attend(hidden)[..., : self.config.vocab_size].astype(jnp.float32)
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
-        logits = self.padded_logits(input_ids, attention_mask, deterministic)
-        return logits[..., : self.config.vocab_size].astype(jnp.float32)
+        return self.logits(self.hidden_states(input_ids, attention_mask, deterministic))
+
+    def decode(self, input_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits (B, T, vocab_size) for ``input_ids`` (B, T) at positions ``cache.length``
+        onwards, attending to the cached positions, and the cache extended by T.
+
+        One call with the whole prompt fills the cache (prefill); each later call with one
+        token costs one position. The caller keeps ``cache.length + T <= block_size``: a
+        traced length cannot be checked here, and past the end the position embedding
+        reads NaN.
+        """
+        cfg = self.config
+        start = cache.length
+        x = self.wte(input_ids) + self.wpe(start + jnp.arange(input_ids.shape[1]))
+        block = Block(cfg, parent=None)
+
+        def run_block(x, params, past_k, past_v):
+            return block.apply({"params": params}, x, None, True, (past_k, past_v, start))
+
+        if cfg.scan_layers:
+            x, (k, v) = jax.lax.scan(lambda x, layer: run_block(x, *layer), x,
+                                     (self.h, cache.k, cache.v))
+        else:
+            new = []
+            for i in range(cfg.n_layer):
+                x, kv = run_block(x, jax.tree.map(lambda a: a[i], self.h), cache.k[i], cache.v[i])
+                new.append(kv)
+            k, v = (jnp.stack(t) for t in zip(*new))
+        at = (0, 0, start, 0, 0)
+        cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+                        length=start + input_ids.shape[1])
+        return self.logits(self.ln_f(x)), cache
 
     def init_params(self, rng: jax.Array) -> dict:
         """Fresh float32 parameters (a plain nested dict)."""
         ids = jnp.zeros((1, 1), jnp.int32)
         return self.init({"params": rng}, ids)["params"]
+
+    @staticmethod
+    def from_pretrained(path: str | Path) -> tuple["GPT", dict]:
+        """``(model, params)`` from a Hugging Face GPT-2 folder (``jaxgpt2.hf.load_pretrained``)."""
+        from jaxgpt2.hf import load_pretrained  # local: hf builds on this module, not vice versa
+        config, params = load_pretrained(path)
+        return GPT(config), params
+
+    @nn.nowrap  # not a Flax method: it builds its own GPT to check the layout against
+    def save_pretrained(self, params: dict, path: str | Path) -> Path:
+        """Write ``params`` as a Hugging Face GPT-2 folder (``jaxgpt2.hf.save_pretrained``)."""
+        from jaxgpt2.hf import save_pretrained
+        return save_pretrained(self.config, params, path)
 
 
 def count_params(params: dict, exclude_positions: bool = True) -> int:

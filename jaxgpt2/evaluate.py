@@ -1,0 +1,110 @@
+"""Loss and perplexity of a model on a prepared dataset.
+
+    python -m jaxgpt2.evaluate --checkpoint <run dir | HF folder> --data <dataset> \\
+        [--split val] [--batches N] [--batch_size B]
+
+``--data`` is a bundled corpus name (``shakespeare_char``, ``shakespeare``; prepared under
+``--cache_dir`` on first use) or a folder made by ``python -m jaxgpt2.prepare``.
+Batches are the trainer's (``data.BatchSource``) and, for a run folder, the defaults are
+the run's own evaluation settings (seed, batch size, ``eval_steps``, data mode), so on the
+run's validation data this prints the ``val_loss`` the trainer logged at that step. For a
+Hugging Face folder the defaults are 20 batches of 8 windows, seed 1337.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import jax
+
+from jaxgpt2.data import BatchSource, DataError, Split, open_dataset, resolve_dataset_dir
+from jaxgpt2.load import Loaded, load
+from jaxgpt2.model import GPT
+from jaxgpt2.step import make_eval_step
+
+# The trainer draws training batches from stream 0 and validation batches from stream 1.
+STREAMS = {"train": 0, "val": 1}
+
+
+@dataclass
+class Result:
+    loss: float
+    perplexity: float
+    tokens: int
+
+
+def evaluate(model: GPT, params, split: Split, batches: int, batch_size: int,
+             block_size: int, seed: int, stream: int, mode: str = "windows") -> Result:
+    """Mean next-token loss over ``batches`` deterministic batches of ``split``."""
+    source = BatchSource(split, mode, batch_size, block_size, 1, seed, stream)
+    eval_step = jax.jit(make_eval_step(model))
+    total, count = 0.0, 0.0
+    for i in range(batches):
+        loss_sum, n = eval_step(params, source(i))
+        total, count = total + float(loss_sum), count + float(n)
+    loss = total / max(count, 1.0)
+    return Result(loss, math.exp(loss), int(count))
+
+
+def check_tokenizers_agree(loaded: Loaded, data_meta: dict, where: str) -> None:
+    """Refuse data tokenized differently from the model's training data: the loss would
+    be computed, and be meaningless."""
+    mine = loaded.tokenizer_meta
+    if int(data_meta["vocab_size"]) > loaded.config.vocab_size:
+        raise DataError(f"{where} has a vocabulary of {data_meta['vocab_size']}, larger than "
+                        f"the model's {loaded.config.vocab_size}")
+    if mine is None:
+        return
+    if (mine.get("tokenizer"), mine.get("chars")) != (data_meta.get("tokenizer"),
+                                                      data_meta.get("chars")):
+        raise DataError(f"{where} is tokenized with {data_meta.get('tokenizer')!r}"
+                        f"{' (another character set)' if mine.get('tokenizer') == 'char' else ''}"
+                        f", but the model with {mine.get('tokenizer')!r}; prepare the data with "
+                        "the model's tokenizer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder, step folder or HF folder")
+    parser.add_argument("--data", required=True, help="bundled dataset name or prepared folder")
+    parser.add_argument("--cache_dir", default="data", help="where bundled datasets are prepared")
+    parser.add_argument("--split", default="val", choices=tuple(STREAMS))
+    parser.add_argument("--batches", type=int, help="default: the run's train.eval_steps, else 20")
+    parser.add_argument("--batch_size", type=int, help="default: the run's data.batch_size, else 8")
+    parser.add_argument("--block_size", type=int, help="default: the model's block_size")
+    parser.add_argument("--seed", type=int, help="default: the run's train.seed, else 1337")
+    parser.add_argument("--mode", choices=("windows", "padded"),
+                        help="default: the run's data.mode, else windows")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    args = parser.parse_args(argv)
+    try:
+        loaded = load(args.checkpoint, args.dtype)
+        run = loaded.run_config or {}
+        train, data = run.get("train", {}), run.get("data", {})
+        batches = args.batches or train.get("eval_steps") or 20
+        batch_size = args.batch_size or data.get("batch_size", 8)
+        seed = args.seed if args.seed is not None else train.get("seed", 1337)
+        mode = args.mode or data.get("mode", "windows")
+        block = args.block_size or loaded.config.block_size
+        if not 0 < block <= loaded.config.block_size:
+            raise ValueError(f"--block_size must be in [1, {loaded.config.block_size}] "
+                             f"(the model's block_size), got {block}")
+        dataset = open_dataset(resolve_dataset_dir(args.data, args.cache_dir), min_tokens=block + 1)
+        check_tokenizers_agree(loaded, dataset.meta, str(dataset.path))
+        split = getattr(dataset, args.split)
+        result = evaluate(loaded.model, loaded.params, split, batches, batch_size, block,
+                          seed, STREAMS[args.split], mode)
+    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.split} loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+          f"({batches} batches x {batch_size} x {block} of {dataset.path}, "
+          f"{result.tokens:,} tokens scored; {loaded.source})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

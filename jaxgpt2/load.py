@@ -1,0 +1,121 @@
+"""Open a trained model for inference: a run folder, one of its checkpoints, or a Hugging
+Face GPT-2 folder.
+
+``sample.py``, ``jaxgpt2.evaluate`` and ``jaxgpt2.export`` share this module, so a
+``--checkpoint`` argument means the same thing to each of them:
+
+* a run folder (``train.out_dir``): its latest checkpoint under ``checkpoints/``;
+* a step folder (``<run>/checkpoints/<step>``): that checkpoint;
+* a folder with ``config.json`` and ``model.safetensors``: a Hugging Face GPT-2.
+
+From a run only the ``params`` subtree of the orbax ``state`` is read (the Adam moments
+would double the memory and are of no use here), and the architecture and tokenizer come
+from the checkpoint's ``meta``, so neither the data nor the config file are needed. A
+Hugging Face folder's tokenizer is GPT-2's BPE, unless ``export`` left a
+``jaxgpt2_tokenizer.json`` beside the weights (a character vocabulary, say).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxgpt2.config import GPTConfig
+from jaxgpt2.hf import CONFIG_NAME, load_pretrained
+from jaxgpt2.model import GPT
+from jaxgpt2.tokenizer import GPT2_EOT_ID, GPT2Tokenizer, Tokenizer, tokenizer_from_meta
+
+TOKENIZER_NAME = "jaxgpt2_tokenizer.json"
+# What a Hugging Face GPT-2 folder without our tokenizer file is taken to use.
+GPT2_TOKENIZER_META = {"tokenizer": "gpt2", "vocab_size": GPT2Tokenizer.vocab_size,
+                       "eot_id": GPT2_EOT_ID}
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: its config, parameters and (when known) tokenizer."""
+
+    config: GPTConfig
+    params: dict
+    tokenizer_meta: dict | None  # meta.json's tokenizer fields; None when unknown
+    source: Path  # the step folder or Hugging Face folder actually read
+    run_config: dict | None = None  # a run's resolved training config
+
+    @property
+    def model(self) -> GPT:
+        return GPT(self.config)
+
+    def tokenizer(self) -> Tokenizer:
+        if self.tokenizer_meta is None:
+            raise ValueError(f"{self.source}: no tokenizer is known for this vocabulary of "
+                             f"{self.config.vocab_size} (a Hugging Face folder without "
+                             f"{TOKENIZER_NAME} and not GPT-2's 50257 tokens)")
+        return tokenizer_from_meta(self.tokenizer_meta)
+
+
+def load(path: str | Path, dtype: str = "auto") -> Loaded:
+    """Load a run folder, a step folder or a Hugging Face folder (see the module docstring).
+
+    ``dtype`` is the compute dtype to run in (``auto``: bfloat16 on GPU/TPU, float32 on
+    CPU); the attention implementation is chosen again for this machine, so a run trained
+    with cuDNN attention on a GPU still opens on a CPU.
+    """
+    path = Path(path).absolute()  # orbax reads absolute paths only
+    if (path / CONFIG_NAME).is_file():
+        loaded = _load_hf(path)
+    else:
+        loaded = _load_run(path)
+    loaded.config = dataclasses.replace(loaded.config, dtype=dtype, attention="auto",
+                                        remat="none")
+    loaded.config.validate()
+    return loaded
+
+
+def _load_hf(folder: Path) -> Loaded:
+    config, params = load_pretrained(folder)
+    sidecar = folder / TOKENIZER_NAME
+    if sidecar.is_file():
+        tokenizer_meta = json.loads(sidecar.read_text())
+    else:
+        tokenizer_meta = GPT2_TOKENIZER_META if config.vocab_size == GPT2Tokenizer.vocab_size else None
+    return Loaded(config, params, tokenizer_meta, folder)
+
+
+def step_folder(path: Path) -> Path:
+    """The checkpoint a run folder, its ``checkpoints/`` or a step folder points at."""
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    # Finished steps only: orbax writes into a temporary name and renames when complete.
+    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()
+                   and (p / "state").is_dir()) if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(
+            f"{path}: not a run folder with checkpoints, a checkpoint step folder, or a "
+            f"Hugging Face folder with {CONFIG_NAME}")
+    return directory / str(steps[-1])
+
+
+def _load_run(path: Path) -> Loaded:
+    step = step_folder(path)
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step / "meta")
+    model = meta["config"]["model"]
+    config = GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+    params = restore_params(step, config)
+    return Loaded(config, params, meta.get("tokenizer"), step, meta["config"])
+
+
+def restore_params(step: Path, config: GPTConfig) -> Any:
+    """Only ``params`` of the checkpoint's ``state``, onto the default device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"params": jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+    restored = ocp.PyTreeCheckpointer().restore(step / "state", args=ocp.args.PyTreeRestore(
+        abstract, restore_args=restore_args, partial_restore=True))
+    return restored["params"]

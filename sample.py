@@ -1,0 +1,61 @@
+"""Sample from a trained model: ``python sample.py --checkpoint <run dir | HF folder> --prompt "..."``.
+
+``--checkpoint`` is a run folder (its latest checkpoint), a ``<run>/checkpoints/<step>``
+folder or a Hugging Face GPT-2 folder (see ``jaxgpt2/load.py``). The samples are drawn as
+one batch; each is printed whole (prompt included), followed by a separator line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from jaxgpt2.generate import generate
+from jaxgpt2.load import load
+
+SEPARATOR = "-" * 40
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder, step folder or HF folder")
+    parser.add_argument("--prompt", default="\n",
+                        help="text to continue; empty starts from <|endoftext|> (GPT-2 BPE)")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 keeps every token")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="recompute the whole context for every token (slow; a reference)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error("--num_samples must be >= 1")
+    try:
+        loaded = load(args.checkpoint, args.dtype)
+        tokenizer = loaded.tokenizer()
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            if tokenizer.eot_id is None:
+                raise ValueError("the prompt is empty and this vocabulary has no "
+                                 "<|endoftext|> to start from; give --prompt some text")
+            ids = [tokenizer.eot_id]
+        out = generate(loaded.model, loaded.params, np.tile(ids, (args.num_samples, 1)),
+                       args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       args.seed, use_cache=not args.no_cache)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for row in out:
+        print(tokenizer.decode(row.tolist()))
+        print(SEPARATOR)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
