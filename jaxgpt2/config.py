@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 class GPTConfig:
     """GPT-2 architecture and how to compute it.
 
-    ``dtype`` is the compute dtype; parameters are always stored in float32.
+    ``dtype`` is the compute dtype (``auto``: bfloat16 on GPU/TPU, float32 on CPU);
+    parameters are always stored in float32.
     ``remat`` picks a ``jax.checkpoint`` policy per block (see ``model.REMAT_POLICIES``).
     ``scan_layers`` runs the blocks under ``lax.scan`` (flat compile time) instead of a
     Python loop (faster on GPU); the parameter layout is the same either way.
@@ -40,7 +41,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    dtype: str = "float32"
+    dtype: str = "auto"
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"

@@ -70,6 +70,15 @@ def _residual_std(config: GPTConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+def padding_mask(key_mask: jax.Array) -> jax.Array:
+    """(B, 1, T, T) boolean mask from a (B, T) padding mask: real keys, plus each position
+    itself. cuDNN needs the full query x key shape; the diagonal keeps a padding query
+    (whose every key may be padding, under left padding) from a fully masked row, which
+    could turn into NaN. Real queries are unaffected: they attend to themselves anyway."""
+    T = key_mask.shape[-1]
+    return (key_mask[:, None, None, :].astype(bool) | jnp.eye(T, dtype=bool)[None, None])
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
            config: GPTConfig, dropout_rng: jax.Array | None) -> jax.Array:
     """Causal attention over (B, T, H, D) inputs, optionally with a (B, T) key padding mask.
@@ -77,7 +86,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     With attention dropout active, the probabilities must be materialised, so that path
     is written out; otherwise ``jax.nn.dot_product_attention`` picks cuDNN or XLA.
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    mask = None if key_mask is None else padding_mask(key_mask)
     if dropout_rng is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                             implementation=attention_implementation(config))
