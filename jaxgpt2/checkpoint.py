@@ -60,7 +60,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # a missing step or a damaged meta item
+            raise self._unreadable(step, err) from err
 
     def restore(self, step: int, target: TrainState, shardings: Any) -> tuple[TrainState, dict]:
         """Restore ``step`` into the shapes and shardings of ``target`` (may be abstract),
@@ -72,14 +76,17 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises many types for damaged files
-            earlier = [s for s in self.steps() if s < step]
-            hint = (f"; resume from the previous checkpoint with train.resume_step={earlier[-1]}"
-                    if earlier else "")
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(err).__name__}: {err}){hint}") from err
+            raise self._unreadable(step, err) from err
         tree = restored["state"]
         return TrainState(step=tree["step"], params=tree["params"],
                           opt_state=tree["opt_state"], rng=tree["rng"]), restored["meta"]
+
+    def _unreadable(self, step: int, err: Exception) -> CheckpointError:
+        earlier = [s for s in self.steps() if s < step]
+        hint = (f"; resume from the previous checkpoint with train.resume_step={earlier[-1]}"
+                if earlier else "")
+        return CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
+                               f"({type(err).__name__}: {err}){hint}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
