@@ -102,38 +102,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attend_with_past(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array,
-                     past_v: jax.Array, start: jax.Array) -> jax.Array:
+def attend_cached(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                  start: jax.Array) -> jax.Array:
     """Causal attention of T new positions ``start .. start+T-1`` (B, T, H, D) over one
-    layer's cached keys/values (B, S, H, D), of which only positions ``< start`` count.
+    layer's cache (B, S, H, D), which already holds their own keys and values.
 
     The math of ``jax.nn.dot_product_attention``'s XLA path (float32 scores and softmax,
-    probabilities cast to the value dtype), with the keys in two parts, cache and new, so
-    the cache is read where it lies instead of being copied to append the new keys.
+    probabilities cast to the value dtype); cache slots past the last new position are
+    masked, so what they hold does not matter.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    T, S = q.shape[1], past_k.shape[1]
+    T, S = q.shape[1], cache_k.shape[1]
     f32 = jnp.float32
-    old = jnp.einsum("bqhd,bkhd->bhqk", q, past_k, preferred_element_type=f32) * scale
-    new = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
-    lowest = jnp.finfo(f32).min
-    old = jnp.where(jnp.arange(S) < start, old, lowest)
-    new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), new, lowest)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-    y = (jnp.einsum("bhqk,bkhd->bqhd", probs[..., :S], past_v, preferred_element_type=f32)
-         + jnp.einsum("bhqk,bkhd->bqhd", probs[..., S:], v, preferred_element_type=f32))
-    return y.astype(v.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, cache_k, preferred_element_type=f32)
+    scores = scores / math.sqrt(q.shape[-1])
+    allowed = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(f32).min), axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cache_v.dtype), cache_v,
+                   preferred_element_type=f32)
+    return y.astype(cache_v.dtype)
 
 
-# One layer's cached keys and values (B, S, H, D) and the position of the first new token.
-Past = tuple[jax.Array, jax.Array, jax.Array]
+# Decoding state handed to one layer: the whole stacked cache (keys, values), the
+# layer's index in it and the position of the first new token.
+Past = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention.
 
-    With ``past`` (decoding), ``x`` holds only the new positions and the result is
-    ``(y, (k, v))``: their keys and values, which the caller writes into its cache.
+    With ``past`` (decoding), ``x`` holds only the new positions: their keys and values
+    are written into the stacked cache first, then attention reads this layer's slice of
+    it, and the result is ``(y, (cache_k, cache_v))``. Writing before reading leaves the
+    old cache dead, so XLA updates it in place instead of copying it every token.
     """
 
     config: GPTConfig
@@ -149,7 +149,12 @@ class CausalSelfAttention(nn.Module):
             use_dropout = cfg.dropout > 0 and not deterministic
             y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)
         else:
-            y = attend_with_past(q, k, v, *past)
+            cache_k, cache_v, layer, start = past
+            at = (layer, 0, start, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+            y = attend_cached(q, cache_k[layer], cache_v[layer], start)
+            k, v = cache_k, cache_v
         y = checkpoint_name(y.reshape(B, T, C), "attention_out")
         y = _dense(cfg, C, "c_proj", _residual_std(cfg))(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -169,8 +174,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block; with ``past`` it returns ``(x, (k, v))`` as
-    ``CausalSelfAttention`` does."""
+    """A pre-LayerNorm transformer block; with ``past`` it returns ``(x, (cache_k,
+    cache_v))`` as ``CausalSelfAttention`` does."""
 
     config: GPTConfig
 
@@ -290,22 +295,21 @@ class GPT(nn.Module):
         x = self.wte(input_ids) + self.wpe(start + jnp.arange(input_ids.shape[1]))
         block = Block(cfg, parent=None)
 
-        def run_block(x, params, past_k, past_v):
-            return block.apply({"params": params}, x, None, True, (past_k, past_v, start))
+        def run_block(x, params, cache_k, cache_v, layer):
+            return block.apply({"params": params}, x, None, True, (cache_k, cache_v, layer, start))
 
+        k, v = cache.k, cache.v
         if cfg.scan_layers:
-            x, (k, v) = jax.lax.scan(lambda x, layer: run_block(x, *layer), x,
-                                     (self.h, cache.k, cache.v))
+            def body(carry, layer):
+                x, k, v = carry
+                params = jax.tree.map(lambda a: a[layer], self.h)
+                x, (k, v) = run_block(x, params, k, v, layer)
+                return (x, k, v), None
+            (x, k, v), _ = jax.lax.scan(body, (x, k, v), jnp.arange(cfg.n_layer))
         else:
-            new = []
             for i in range(cfg.n_layer):
-                x, kv = run_block(x, jax.tree.map(lambda a: a[i], self.h), cache.k[i], cache.v[i])
-                new.append(kv)
-            k, v = (jnp.stack(t) for t in zip(*new))
-        at = (0, 0, start, 0, 0)
-        cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-                        length=start + input_ids.shape[1])
+                x, (k, v) = run_block(x, jax.tree.map(lambda a: a[i], self.h), k, v, i)
+        cache = KVCache(k=k, v=v, length=start + input_ids.shape[1])
         return self.logits(self.ln_f(x)), cache
 
     def init_params(self, rng: jax.Array) -> dict:
