@@ -67,6 +67,10 @@ def resolve_model_config(config: Config, dataset: Dataset, platform: str,
                           "set model.vocab_size to null to take it from the data")
     if gpt.dtype == "auto":
         gpt = dataclasses.replace(gpt, dtype="bfloat16" if platform in ("gpu", "tpu") else "float32")
+    if gpt.dtype == "float16":
+        raise ConfigError("model.dtype=float16 needs loss scaling to train, which jaxgpt2 does "
+                          "not implement yet; use bfloat16 (GPU/TPU) or float32 "
+                          "(float16 is fine for sampling)")
     if gpt.attention == "auto":
         sixteen_bit = gpt.dtype in ("bfloat16", "float16")
         gpt = dataclasses.replace(gpt, attention="cudnn" if platform == "gpu" and sixteen_bit else "xla")
