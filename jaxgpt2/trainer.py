@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm import tqdm

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from jaxgpt2.config import OptimConfig
 from jaxgpt2.optim import learning_rate_schedule, make_optimizer, weight_decay_mask

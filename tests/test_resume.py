@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, signals, non-finite steps, incompatible resumes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
