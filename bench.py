@@ -1,8 +1,14 @@
 """Training-step throughput: ``python bench.py [--preset gpt2] [--variants loop,scan]``.
 
 Times the real ``train_step`` (model, loss, clipped AdamW under ``apply_if_finite``, all
-in one jitted, donated call) on random tokens, after warm-up, with one device sync at the
-end of the timed steps. Prints ms/step, tokens/s, MFU and peak device memory per variant.
+in one jitted, donated call), after warm-up, with one device sync at the end of the timed
+steps. Prints ms/step, tokens/s, MFU and peak device memory per variant.
+
+Tokens come from the bundled Tiny Shakespeare encoded with GPT-2's BPE (``--tokens
+text``, the default) or uniformly at random (``--tokens random``, as nanoGPT's
+``real_data=False``). The difference matters: real text repeats a few ids thousands of
+times per batch, and a step can be data-dependent (an embedding gradient summed by
+atomic adds contends on those ids), so random ids can flatter a step.
 
 MFU counts 6N + 12·L·T·d FLOPs per token (N: parameters without position embeddings,
 over the real vocabulary), against ``--peak_tflops`` (989 = H100 SXM dense bf16).
@@ -15,6 +21,8 @@ import dataclasses
 import json
 import time
 
+from importlib import resources
+
 import jax
 import numpy as np
 
@@ -22,6 +30,7 @@ from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import learning_rate_schedule, make_optimizer
 from jaxgpt2.step import create_train_state, make_train_step
+from jaxgpt2.tokenizer import GPT2Tokenizer
 
 VARIANTS = {
     "loop": dict(scan_layers=False),
@@ -38,15 +47,29 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
-def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int) -> dict:
+def token_windows(kind: str, rows: int, block_size: int, vocab_size: int) -> np.ndarray:
+    """(1, rows, block_size + 1) int32 ids: consecutive windows of the bundled corpus
+    (GPT-2 BPE, ids taken modulo ``vocab_size`` for small test vocabularies) or random."""
+    rng = np.random.default_rng(0)
+    if kind == "random":
+        ids = rng.integers(0, vocab_size, rows * (block_size + 1))
+    else:
+        text = resources.files("jaxgpt2").joinpath("assets/tinyshakespeare.txt").read_text()
+        corpus = np.asarray(GPT2Tokenizer().encode(text)) % vocab_size
+        starts = rng.integers(0, corpus.size - block_size - 1, rows)
+        ids = np.concatenate([corpus[s:s + block_size + 1] for s in starts])
+    return ids.reshape(1, rows, block_size + 1).astype(np.int32)
+
+
+def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int,
+                  tokens: str = "text") -> dict:
     model = GPT(cfg)
     optim = OptimConfig(warmup_steps=10)
     tx = make_optimizer(optim, 1000)
     step = jax.jit(make_train_step(model, tx, learning_rate_schedule(optim, 1000)),
                    donate_argnums=0)
     state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0))()
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (1, batch_size, cfg.block_size + 1)).astype(np.int32)
+    ids = token_windows(tokens, batch_size, cfg.block_size, cfg.vocab_size)
     batch = jax.device_put({"input_ids": ids[..., :-1], "targets": ids[..., 1:],
                             "loss_mask": np.ones((1, batch_size, cfg.block_size), np.float32)})
     t0 = time.perf_counter()
@@ -78,6 +101,7 @@ def main() -> None:
     parser.add_argument("--variants", default="loop,scan")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokens", default="text", choices=("text", "random"))
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -87,11 +111,11 @@ def main() -> None:
     results = {}
     for name in args.variants.split(","):
         cfg = dataclasses.replace(base, **VARIANTS[name])
-        results[name] = bench_variant(cfg, args.batch_size, args.steps, args.warmup)
+        results[name] = bench_variant(cfg, args.batch_size, args.steps, args.warmup, args.tokens)
         jax.clear_caches()
     device = jax.devices()[0]
-    print(f"\n{args.preset}, batch {args.batch_size} x {args.block_size}, {device.device_kind}, "
-          f"jax {jax.__version__}")
+    print(f"\n{args.preset}, batch {args.batch_size} x {args.block_size}, {args.tokens} tokens, "
+          f"{device.device_kind}, jax {jax.__version__}")
     print(f"{'variant':<22}{'ms/step':>9}{'tokens/s':>12}{'MFU':>7}{'peak GiB':>10}"
           f"{'compile s':>11}{'loss@1':>9}")
     for name, r in results.items():

@@ -190,6 +190,20 @@ class Block(nn.Module):
         return x if past is None else (x, new_kv)
 
 
+class Embedding(nn.Embed):
+    """``nn.Embed`` whose lookups return float32 rows of the float32 table.
+
+    ``nn.Embed`` casts the whole table to the compute dtype before gathering, which makes
+    its gradient a bfloat16 scatter-add: on GPU the repeated ids of real text serialise
+    it, and a frequent token's thousands of updates per batch are summed in bfloat16.
+    Gathering float32 rows keeps that sum in float32 (the caller casts the embedded
+    sequence once); ``attend``, the tied output head, still runs in the compute dtype.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, inputs, axis=0)
+
+
 class KVCache(flax.struct.PyTreeNode):
     """Every layer's keys and values for the positions decoded so far (``GPT.decode``).
 
@@ -224,10 +238,10 @@ class GPT(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         dtype = compute_dtype(cfg)
-        self.wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype,
-                            param_dtype=jnp.float32, embedding_init=_init(0.02))
-        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=dtype,
-                            param_dtype=jnp.float32, embedding_init=_init(0.02))
+        self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype,
+                             param_dtype=jnp.float32, embedding_init=_init(0.02))
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd, dtype=dtype,
+                             param_dtype=jnp.float32, embedding_init=_init(0.02))
         self.h = self.param("h", self._init_blocks)
         self.ln_f = _layer_norm(cfg, "ln_f")
         self.drop = nn.Dropout(cfg.dropout)
@@ -246,7 +260,7 @@ class GPT(nn.Module):
         T = input_ids.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={cfg.block_size}")
-        x = self.wte(input_ids) + self.wpe(jnp.arange(T))
+        x = (self.wte(input_ids) + self.wpe(jnp.arange(T))).astype(compute_dtype(cfg))
         x = self.drop(x, deterministic=deterministic)
 
         block = Block(cfg, parent=None)
@@ -292,7 +306,8 @@ class GPT(nn.Module):
         """
         cfg = self.config
         start = cache.length
-        x = self.wte(input_ids) + self.wpe(start + jnp.arange(input_ids.shape[1]))
+        positions = start + jnp.arange(input_ids.shape[1])
+        x = (self.wte(input_ids) + self.wpe(positions)).astype(compute_dtype(cfg))
         block = Block(cfg, parent=None)
 
         def run_block(x, params, cache_k, cache_v, layer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -225,3 +226,28 @@ def test_shakespeare_config_fine_tunes_from_a_hugging_face_folder(tmp_path, data
     tuned = load(out).params
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), tuned, pretrained)
     assert 0 < max(jax.tree.leaves(moved)) < 1e-4, moved
+
+
+def test_bench_runs_on_the_cpu_and_reports_each_variant(tmp_path):
+    """bench.py on a tiny model, so the benchmark script cannot rot unnoticed."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "tiny",
+                           "--batch_size", "2", "--block_size", "32", "--steps", "2",
+                           "--warmup", "1", "--variants", "loop,scan", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert "text tokens" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"loop", "scan"}
+    for r in results.values():
+        assert r["tokens_per_sec"] > 0 and np.isfinite(r["last_loss"])
+    assert results["loop"]["first_loss"] == pytest.approx(results["scan"]["first_loss"], rel=1e-5)
+
+
+def test_bench_text_tokens_repeat_like_real_text():
+    bench = import_script("bench")
+    text = bench.token_windows("text", 8, 256, 50257)
+    rand = bench.token_windows("random", 8, 256, 50257)
+    assert text.shape == rand.shape == (1, 8, 257)
+    assert np.bincount(text.ravel()).max() > 10 * np.bincount(rand.ravel()).max()

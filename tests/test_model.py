@@ -115,3 +115,27 @@ def test_sequence_longer_than_block_size_is_refused(small_model):
     model, params = small_model
     with pytest.raises(ValueError, match="exceeds model.block_size"):
         model.apply({"params": params}, np.zeros((1, 17), np.int32))
+
+
+def test_embedding_gradients_accumulate_in_float32(small_config):
+    """With bfloat16 compute the embedding gradient is still a float32 scatter-add: a
+    bfloat16 one rounds the sum over a frequent token's occurrences (and serialises on
+    GPU). The ids repeat one token, as real text does."""
+    config = dataclasses.replace(small_config, dtype="bfloat16")
+    model = GPT(config)
+    params = model.init_params(jax.random.PRNGKey(0))
+    ids = jnp.zeros((2, config.block_size), jnp.int32).at[:, ::3].set(5)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, ids) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    scatters = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name.startswith("scatter")]
+    assert scatters, "expected the embedding gradient to be a scatter-add"
+    assert {str(e.invars[0].aval.dtype) for e in scatters} == {"float32"}
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():  # jit, custom_vjp, ... bodies
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
