@@ -68,7 +68,9 @@ def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int,
     tx = make_optimizer(optim, 1000)
     step = jax.jit(make_train_step(model, tx, learning_rate_schedule(optim, 1000)),
                    donate_argnums=0)
-    state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0))()
+    scale = 65536.0 if cfg.dtype == "float16" else None  # float16 trains with a loss scale
+    state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0,
+                                               scale))()
     ids = token_windows(tokens, batch_size, cfg.block_size, cfg.vocab_size)
     batch = jax.device_put({"input_ids": ids[..., :-1], "targets": ids[..., 1:],
                             "loss_mask": np.ones((1, batch_size, cfg.block_size), np.float32)})

@@ -1,11 +1,11 @@
 """Checkpoints through orbax's ``CheckpointManager``.
 
 Each checkpoint is a step folder with two items: ``state`` (params, optimizer state with
-the non-finite counters, step, RNG key data; written by every process, sharded) and
-``meta`` (JSON: the resolved config, tokenizer identity and the data position). Saves are
-asynchronous (training continues while files are written) and atomic (orbax writes to a
-temporary folder and renames it when complete, so a crash mid-save leaves no checkpoint
-that looks finished). Retention keeps the latest ``keep`` plus the best by ``val_loss``.
+the non-finite counters, step, RNG key data, and a float16 run's loss scale; written by
+every process, sharded) and ``meta`` (JSON: the resolved config, tokenizer identity and
+the data position). Saves are asynchronous (training continues while files are written)
+and atomic (orbax writes to a temporary folder and renames it when complete, so a crash
+mid-save leaves no checkpoint that looks finished). Retention keeps the latest ``keep`` plus the best by ``val_loss``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ class CheckpointError(RuntimeError):
 
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
             "rng": state.rng}
+    if state.loss_scale is not None:  # float16 runs only
+        tree["loss_scale"] = state.loss_scale
+    return tree
 
 
 class Checkpointer:
@@ -78,8 +81,8 @@ class Checkpointer:
         except Exception as err:  # orbax raises many types for damaged files
             raise self._unreadable(step, err) from err
         tree = restored["state"]
-        return TrainState(step=tree["step"], params=tree["params"],
-                          opt_state=tree["opt_state"], rng=tree["rng"]), restored["meta"]
+        return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                          rng=tree["rng"], loss_scale=tree.get("loss_scale")), restored["meta"]
 
     def _unreadable(self, step: int, err: Exception) -> CheckpointError:
         earlier = [s for s in self.steps() if s < step]

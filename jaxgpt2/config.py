@@ -120,7 +120,8 @@ class OptimConfig:
     """AdamW under warmup + cosine decay, clipped and guarded against non-finite steps.
 
     ``decay_steps: null`` decays over ``train.max_steps``. ``schedule: constant`` holds
-    ``lr`` after warmup (fine-tuning recipes).
+    ``lr`` after warmup (fine-tuning recipes). ``loss_scale`` (the initial scale) and
+    ``loss_scale_interval`` (finite steps that double it) apply to float16 runs only.
     """
 
     lr: float = 6e-4
@@ -133,6 +134,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    loss_scale: float = 65536.0
+    loss_scale_interval: int = 2000
     max_consecutive_nonfinite: int = 5
 
     def validate(self) -> None:
@@ -148,6 +151,9 @@ class OptimConfig:
             raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError("optim.max_consecutive_nonfinite must be >= 1")
+        if self.loss_scale < 1 or self.loss_scale_interval < 1:
+            raise ConfigError("optim.loss_scale and optim.loss_scale_interval must be >= 1, "
+                              f"got {self.loss_scale} and {self.loss_scale_interval}")
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
 
 

@@ -88,8 +88,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     """
     mask = None if key_mask is None else padding_mask(key_mask)
     if dropout_rng is None:
+        implementation = attention_implementation(config)
+        if q.dtype == jnp.float16 and implementation == "xla" and jax.default_backend() == "cpu":
+            # XLA:CPU has no float16 x float16 -> float32 product, which the XLA path uses.
+            f32 = jnp.float32
+            return jax.nn.dot_product_attention(q.astype(f32), k.astype(f32), v.astype(f32),
+                                                mask=mask, is_causal=True,
+                                                implementation="xla").astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                            implementation=attention_implementation(config))
+                                            implementation=implementation)
     T = q.shape[1]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]

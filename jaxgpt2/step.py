@@ -5,6 +5,10 @@ with explicit shardings and donated buffers, and tested without the loop around 
 Gradient accumulation is a ``lax.scan`` over micro-batches inside the step: the
 gradient is of the token-summed loss, divided once by the total count of real tokens,
 so accumulating 4 micro-batches of B rows equals one batch of 4B rows.
+
+A float16 run carries a ``LossScale`` in its state (``jaxgpt2.loss_scale``): the loss is
+scaled before the backward pass, the gradient unscaled after it, and an overflowing
+step is skipped whole (parameters and optimizer state kept) while the scale halves.
 """
 
 from __future__ import annotations
@@ -16,23 +20,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
 
 
 class TrainState(flax.struct.PyTreeNode):
     """Everything a step changes. ``step`` counts attempted steps (skipped ones too);
-    ``rng`` is raw ``uint32[2]`` key data so it checkpoints as a plain array."""
+    ``rng`` is raw ``uint32[2]`` key data so it checkpoints as a plain array;
+    ``loss_scale`` is ``None`` unless the run computes in float16."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    loss_scale: LossScale | None = None
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation,
-                       seed: int) -> TrainState:
+def create_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int,
+                       loss_scale: float | None = None) -> TrainState:
+    """A fresh state; ``loss_scale`` (the initial scale) turns on dynamic loss scaling."""
+    scale = None if loss_scale is None else LossScale.create(loss_scale)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed),
+                      loss_scale=scale)
 
 
 def cross_entropy_sum(padded_logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
@@ -60,52 +70,80 @@ def _loss_sum(model: GPT, params, batch: dict, rng: jax.Array | None):
 
 
 def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, debug_nan_steps: Sequence[int] = ()) -> Callable:
+                    schedule: optax.Schedule, debug_nan_steps: Sequence[int] = (),
+                    loss_scale_interval: int = 2000) -> Callable:
     """Build ``train_step(state, batch)``; batch leaves are (grad_accum, batch, T).
 
     ``debug_nan_steps`` (tests only) turns those steps' gradients into NaN.
+    ``loss_scale_interval`` is how many finite steps double a float16 run's loss scale.
     """
     use_dropout = model.config.dropout > 0
 
-    def micro_grads(params, micro_batch, rng):
-        grad_fn = jax.value_and_grad(lambda p: _loss_sum(model, p, micro_batch, rng), has_aux=True)
-        (loss_sum, count), grads = grad_fn(params)
+    def micro_grads(params, micro_batch, rng, multiplier):
+        def scaled_loss(p):
+            loss_sum, count = _loss_sum(model, p, micro_batch, rng)
+            return loss_sum * multiplier, (loss_sum, count)
+        (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
         return grads, loss_sum, count
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        step_rng = jax.random.fold_in(state.rng, state.step)
+    def accumulate(params, batch: dict, step_rng: jax.Array, multiplier):
+        """Summed gradients, loss and real-token count over the micro-batches."""
         n_micro = batch["input_ids"].shape[0]
         rngs = jax.random.split(step_rng, n_micro) if use_dropout else [None] * n_micro
         if n_micro == 1:
             first = jax.tree.map(lambda x: x[0], batch)
-            grads, loss_sum, count = micro_grads(state.params, first, rngs[0])
-        else:
-            def body(carry, xs):
-                micro_batch, rng = xs
-                g, l, c = micro_grads(state.params, micro_batch, rng)
-                return jax.tree.map(jnp.add, carry, (g, l, c)), None
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-            xs = (batch, rngs if use_dropout else None)
-            (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, xs)
+            return micro_grads(params, first, rngs[0], multiplier)
+
+        def body(carry, xs):
+            micro_batch, rng = xs
+            g, l, c = micro_grads(params, micro_batch, rng, multiplier)
+            return jax.tree.map(jnp.add, carry, (g, l, c)), None
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+        xs = (batch, rngs if use_dropout else None)
+        return jax.lax.scan(body, zeros, xs)[0]
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        scaler = state.loss_scale
+        _, rows, length = batch["input_ids"].shape
+        # The loss is a token sum; scaling it by scale / positions gives gradients the
+        # size a mean loss times the scale would, the convention loss scales are set by.
+        multiplier = 1.0 if scaler is None else scaler.scale / (rows * length)
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        grads, loss_sum, count = accumulate(state.params, batch, step_rng, multiplier)
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = jax.tree.map(lambda g: g / (count * multiplier), grads)
         if debug_nan_steps:
             poisoned = jnp.isin(state.step, jnp.asarray(debug_nan_steps))
             grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+        grad_norm = optax.tree.norm(grads)
+        skipped_before = state.opt_state.total_notfinite
 
-        applied_before = state.step - state.opt_state.total_notfinite
+        overflow = jnp.zeros((), bool)
+        if scaler is not None:
+            skipped_before = skipped_before + scaler.overflows
+            grads_finite = all_finite(grads)
+            overflow = scaler.is_overflow(loss_sum, grads_finite)
+            # Zeros keep apply_if_finite from counting an overflow; that update is dropped.
+            grads = jax.tree.map(lambda g: jnp.where(overflow, jnp.zeros_like(g), g), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if scaler is not None:
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new),
+                                             (params, opt_state), (state.params, state.opt_state))
+            scaler = scaler.update(grads_finite, overflow, loss_scale_interval)
+
         metrics = {
             "loss": loss_sum / count,
             "tokens": count,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(applied_before),
-            "applied": opt_state.notfinite_count == 0,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step - skipped_before),
+            "applied": (opt_state.notfinite_count == 0) & ~overflow,
             "nonfinite_streak": opt_state.notfinite_count,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        if scaler is not None:
+            metrics.update(overflow=overflow, loss_scale=scaler.scale)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             loss_scale=scaler), metrics
 
     return train_step
 

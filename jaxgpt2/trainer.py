@@ -29,6 +29,7 @@ from jaxgpt2.hf import load_pretrained
 from jaxgpt2.model import GPT, count_params
 from jaxgpt2.optim import learning_rate_schedule, make_optimizer
 from jaxgpt2 import sharding
+from jaxgpt2.loss_scale import LossScale
 from jaxgpt2.step import TrainState, create_train_state, make_eval_step, make_train_step
 
 # Fields that define what a checkpoint *is*; changing them on resume is an error.
@@ -66,10 +67,6 @@ def resolve_model_config(config: Config, dataset: Dataset, platform: str,
                           "set model.vocab_size to null to take it from the data")
     if gpt.dtype == "auto":
         gpt = dataclasses.replace(gpt, dtype="bfloat16" if platform in ("gpu", "tpu") else "float32")
-    if gpt.dtype == "float16":
-        raise ConfigError("model.dtype=float16 needs loss scaling to train, which jaxgpt2 does "
-                          "not implement yet; use bfloat16 (GPU/TPU) or float32 "
-                          "(float16 is fine for sampling)")
     if gpt.attention == "auto":
         sixteen_bit = gpt.dtype in ("bfloat16", "float16")
         gpt = dataclasses.replace(gpt, attention="cudnn" if platform == "gpu" and sixteen_bit else "xla")
@@ -167,12 +164,12 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------
     def _build_state(self) -> None:
         tc = self.config.train
+        initial_scale = self._initial_loss_scale()
         scratch = lambda: create_train_state(
-            self.model.init_params(jax.random.PRNGKey(tc.seed)), self.optimizer, tc.seed)
+            self.model.init_params(jax.random.PRNGKey(tc.seed)), self.optimizer, tc.seed,
+            initial_scale)
         abstract = jax.eval_shape(scratch)
-        self.state_sharding = sharding.state_shardings(abstract, self.mesh)
-        self.state_sharding = self.state_sharding.replace(
-            step=self._replicated(), rng=self._replicated())
+        self.state_sharding = self._state_sharding(abstract)
         resume_step = self._resume_step()
         if resume_step is not None:
             self._restore(resume_step, abstract)
@@ -181,8 +178,17 @@ class Trainer:
         else:
             # Weights enter as an argument, never as constants baked into the program.
             params = jax.device_put(self._pretrained_params(), self.state_sharding.params)
-            self.state = jax.jit(lambda p: create_train_state(p, self.optimizer, tc.seed),
-                                 out_shardings=self.state_sharding, donate_argnums=0)(params)
+            self.state = jax.jit(
+                lambda p: create_train_state(p, self.optimizer, tc.seed, initial_scale),
+                out_shardings=self.state_sharding, donate_argnums=0)(params)
+
+    def _initial_loss_scale(self) -> float | None:
+        """float16 runs scale their loss (``jaxgpt2.loss_scale``); others do not."""
+        return self.config.optim.loss_scale if self.gpt_config.dtype == "float16" else None
+
+    def _state_sharding(self, abstract: TrainState) -> TrainState:
+        shardings = sharding.state_shardings(abstract, self.mesh)
+        return shardings.replace(step=self._replicated(), rng=self._replicated())
 
     def _restore(self, step: int, abstract: TrainState) -> None:
         meta = self.checkpointer.read_meta(step)
@@ -190,7 +196,18 @@ class Trainer:
         if diffs:
             raise ConfigError("cannot resume: the checkpoint was made with a different setup: "
                               + "; ".join(diffs))
-        self.state, _ = self.checkpointer.restore(step, abstract, self.state_sharding)
+        # Restore the tree the checkpoint holds, then add or drop the loss scale when the
+        # run moves into or out of float16.
+        saved_scaled = meta["config"].get("model", {}).get("dtype") == "float16"
+        target = abstract.replace(loss_scale=jax.eval_shape(lambda: LossScale.create(1.0))
+                                  if saved_scaled else None)
+        self.state, _ = self.checkpointer.restore(step, target, self._state_sharding(target))
+        initial_scale = self._initial_loss_scale()
+        if saved_scaled and initial_scale is None:
+            self.state = self.state.replace(loss_scale=None)
+        elif initial_scale is not None and not saved_scaled:
+            self.state = self.state.replace(loss_scale=jax.device_put(
+                LossScale.create(initial_scale), self._replicated()))
         self._log_resume_changes(meta["config"])
         say(f"resumed from {self.checkpointer.directory / str(step)}")
 
@@ -221,7 +238,8 @@ class Trainer:
     def _compile(self) -> None:
         tc, dc = self.config.train, self.config.data
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        step_fn = make_train_step(self.model, self.optimizer, self.schedule, tc.debug_nan_steps)
+        step_fn = make_train_step(self.model, self.optimizer, self.schedule, tc.debug_nan_steps,
+                                  self.config.optim.loss_scale_interval)
         self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self._replicated()),
                                   donate_argnums=0)
@@ -331,7 +349,11 @@ class Trainer:
         self._window[1] += float(m["tokens"])
         summary["train_loss"] = float(m["loss"])
         summary.setdefault("first_loss", float(m["loss"]))
-        if not bool(m["applied"]):
+        if bool(m.get("overflow", False)):
+            say(f"step {step}: float16 gradient overflow, update skipped; loss scale now "
+                f"{float(m['loss_scale']):g}")
+            summary["overflow_steps"] = summary.get("overflow_steps", []) + [step]
+        elif not bool(m["applied"]):
             say(f"step {step}: non-finite gradient, update skipped "
                 f"({int(m['nonfinite_streak'])} in a row)")
             summary["skipped_steps"] = summary.get("skipped_steps", []) + [step]
@@ -346,6 +368,8 @@ class Trainer:
         elapsed = max(time.perf_counter() - self._window[0], 1e-9)
         record = {"step": step, "train_loss": float(m["loss"]), "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "tokens_per_sec": self._window[1] / elapsed}
+        if "loss_scale" in m:
+            record["loss_scale"] = float(m["loss_scale"])
         log.write(record)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
         self._window = [time.perf_counter(), 0.0]

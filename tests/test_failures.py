@@ -70,12 +70,6 @@ def test_vocabulary_smaller_than_the_data_is_refused(tmp_path):
         Trainer(make_config(tmp_path, "run", "model.vocab_size=50"))
 
 
-def test_float16_training_without_loss_scaling_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="float16 needs loss scaling"):
-        Trainer(make_config(tmp_path, "run", "model.dtype=float16"))
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
 def test_batch_not_divisible_across_devices_is_refused(tmp_path):
     code = (
         "import os; os.environ['XLA_FLAGS']='--xla_force_host_platform_device_count=4';"

@@ -1,0 +1,141 @@
+"""float16 training with dynamic loss scaling, on the CPU."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt2.config import OptimConfig
+from jaxgpt2.loss_scale import LossScale
+from jaxgpt2.model import GPT
+from jaxgpt2.optim import learning_rate_schedule, make_optimizer
+from jaxgpt2.step import create_train_state, make_train_step
+from jaxgpt2.trainer import NonFiniteError, Trainer
+from test_resume import losses, make_config
+
+
+def _batch(seed=0, rows=4, T=16, vocab=100):
+    ids = np.random.default_rng(seed).integers(0, vocab, (1, rows, T + 1)).astype(np.int32)
+    return {"input_ids": ids[..., :-1], "targets": ids[..., 1:],
+            "loss_mask": np.ones((1, rows, T), np.float32)}
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_scale_halves_on_overflow_and_doubles_after_interval_finite_steps():
+    s = LossScale.create(8.0)
+    yes, no = jnp.asarray(True), jnp.asarray(False)
+    s = s.update(grads_finite=no, overflow=yes, interval=3)
+    assert (float(s.scale), int(s.good_steps), int(s.overflows)) == (4.0, 0, 1)
+    s = s.update(yes, no, 3)
+    s = s.update(yes, no, 3)
+    assert (float(s.scale), int(s.good_steps)) == (4.0, 2)
+    s = s.update(yes, no, 3)
+    assert (float(s.scale), int(s.good_steps)) == (8.0, 0)
+    s = s.update(yes, no, 3)
+    s = s.update(no, yes, 3)  # an overflow also resets the run of good steps
+    assert (float(s.scale), int(s.good_steps), int(s.overflows)) == (4.0, 0, 2)
+    floor = LossScale.create(1.0).update(no, no, 3)
+    assert float(floor.scale) == 1.0
+
+
+@pytest.fixture(scope="module")
+def fp16_model(small_config):
+    model = GPT(dataclasses.replace(small_config, dtype="float16"))
+    return model, model.init_params(jax.random.PRNGKey(0))
+
+
+def test_overflowing_steps_are_skipped_whole_until_the_scale_fits(fp16_model):
+    """2**24 overflows float16 in the backward pass; each overflow keeps parameters and
+    optimizer state, halves the scale, and is not counted as a non-finite step."""
+    model, params = fp16_model
+    cfg = OptimConfig(warmup_steps=0, lr=1e-3)
+    tx = make_optimizer(cfg, 100)
+    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg, 100)))
+    state = create_train_state(params, tx, 0, loss_scale=2.0 ** 24)
+    batch = _batch()
+    overflows, scales, first_loss = 0, [], None
+    for _ in range(30):
+        before = jax.device_get(state)
+        state, m = step(state, batch)
+        first_loss = first_loss if first_loss is not None else float(m["loss"])
+        assert int(m["nonfinite_streak"]) == 0
+        if bool(m["overflow"]):
+            overflows += 1
+            assert not bool(m["applied"])
+            assert float(m["lr"]) == pytest.approx(float(learning_rate_schedule(cfg, 100)(0)))
+            after = jax.device_get(state)
+            assert _leaves_equal(before.params, after.params)
+            assert _leaves_equal(before.opt_state, after.opt_state)
+        else:
+            assert bool(m["applied"])
+        scales.append(float(m["loss_scale"]))
+    assert overflows >= 3, "2**24 should overflow float16 for several halvings"
+    assert scales[overflows - 1] == 2.0 ** 24 / 2 ** overflows
+    assert int(state.loss_scale.overflows) == overflows
+    assert int(state.opt_state.total_notfinite) == 0
+    assert float(m["loss"]) < first_loss - 0.5
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_unscaled_gradient_equals_the_float32_gradient_direction(fp16_model, small_config):
+    """A fitting scale changes nothing but rounding: the first applied step's update
+    matches the float32 model's to float16 precision (plain SGD shows the gradient)."""
+    import optax
+    model16, params = fp16_model
+    model32 = GPT(small_config)
+    tx = optax.apply_if_finite(optax.sgd(1.0), 10)
+    sched = optax.constant_schedule(1.0)
+    batch = _batch(1)
+    s16, _ = jax.jit(make_train_step(model16, tx, sched))(
+        create_train_state(params, tx, 0, loss_scale=1024.0), batch)
+    s32, _ = jax.jit(make_train_step(model32, tx, sched))(create_train_state(params, tx, 0), batch)
+    d16 = jax.tree.map(lambda a, b: a - b, s16.params, params)
+    d32 = jax.tree.map(lambda a, b: a - b, s32.params, params)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(d16), jax.tree.leaves(d32)))
+    den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(d32))
+    assert (num / den) ** 0.5 < 2e-2
+
+
+def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
+    fp16 = ("model.dtype=float16", "model.dropout=0.0", "optim.loss_scale_interval=4",
+            "train.save_interval=6", "train.eval_interval=6")
+    straight = Trainer(make_config(tmp_path, "straight", "train.max_steps=12", *fp16))
+    summary = straight.run()
+    assert summary["train_loss"] < summary["first_loss"]
+    Trainer(make_config(tmp_path, "split", "train.max_steps=6", *fp16)).run()
+    second = Trainer(make_config(tmp_path, "split", "train.max_steps=12", "train.resume=true",
+                                 *fp16))
+    assert float(second.state.loss_scale.scale) > 0
+    second.run()
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert _leaves_equal(jax.device_get(straight.state), jax.device_get(second.state))
+    records = [json.loads(l) for l in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in records if "loss_scale" in r]
+    assert len(scales) == 12 and scales[-1] > scales[0]  # grew every 4 good steps
+
+
+def test_a_checkpoint_moves_between_float16_and_float32(tmp_path):
+    Trainer(make_config(tmp_path, "run", "train.max_steps=2", "train.save_interval=2",
+                        "model.dtype=float16")).run()
+    as32 = Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.resume=true",
+                               "model.dtype=float32"))
+    assert as32.state.loss_scale is None
+    as32.run()
+    as16 = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true",
+                               "model.dtype=float16", "optim.loss_scale=512"))
+    assert float(as16.state.loss_scale.scale) == 512.0
+    assert as16.run()["step"] == 6
+
+
+def test_non_finite_gradients_at_scale_one_still_stop_the_run(tmp_path):
+    trainer = Trainer(make_config(tmp_path, "run", "train.max_steps=10", "model.dtype=float16",
+                                  "optim.loss_scale=1", "optim.max_consecutive_nonfinite=2",
+                                  "train.debug_nan_steps=[2,3]"))
+    with pytest.raises(NonFiniteError, match="2 consecutive steps"):
+        trainer.run()
