@@ -26,26 +26,24 @@ class LossScale(flax.struct.PyTreeNode):
 
     scale: jax.Array  # float32
     good_steps: jax.Array  # int32: finite steps since the scale last changed
-    overflows: jax.Array  # int32: steps skipped for overflow since the run began
 
     @classmethod
     def create(cls, initial_scale: float) -> LossScale:
         return cls(scale=jnp.asarray(initial_scale, jnp.float32),
-                   good_steps=jnp.zeros((), jnp.int32), overflows=jnp.zeros((), jnp.int32))
+                   good_steps=jnp.zeros((), jnp.int32))
 
     def is_overflow(self, loss: jax.Array, grads_finite: jax.Array) -> jax.Array:
         """True when a smaller scale can cure this step's non-finite gradient."""
         return ~grads_finite & jnp.isfinite(loss) & (self.scale > 1.0)
 
-    def update(self, grads_finite: jax.Array, overflow: jax.Array, interval: int) -> LossScale:
+    def update(self, grads_finite: jax.Array, interval: int) -> LossScale:
         """Halve after a non-finite gradient (never below 1); double after ``interval``
         finite steps in a row."""
         grow = grads_finite & (self.good_steps + 1 >= interval)
         scale = jnp.where(grads_finite, jnp.where(grow, 2.0 * self.scale, self.scale),
                           jnp.maximum(0.5 * self.scale, 1.0))
         good_steps = jnp.where(grads_finite & ~grow, self.good_steps + 1, 0)
-        return LossScale(scale=scale, good_steps=good_steps,
-                         overflows=self.overflows + overflow.astype(jnp.int32))
+        return LossScale(scale=scale, good_steps=good_steps)
 
 
 def all_finite(tree) -> jax.Array:

@@ -89,8 +89,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     mask = None if key_mask is None else padding_mask(key_mask)
     if dropout_rng is None:
         implementation = attention_implementation(config)
-        if q.dtype == jnp.float16 and implementation == "xla" and jax.default_backend() == "cpu":
-            # XLA:CPU has no float16 x float16 -> float32 product, which the XLA path uses.
+        if q.dtype == jnp.float16 and implementation == "xla":
+            # XLA:CPU has no float16 x float16 -> float32 product, which the XLA path
+            # uses; on a GPU float16 attention goes to cuDNN unless asked otherwise.
             f32 = jnp.float32
             return jax.nn.dot_product_attention(q.astype(f32), k.astype(f32), v.astype(f32),
                                                 mask=mask, is_causal=True,
@@ -208,6 +209,8 @@ class Embedding(nn.Embed):
     """
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"token ids must be integers, got {inputs.dtype}")
         return jnp.take(self.embedding, inputs, axis=0)
 
 

@@ -42,6 +42,18 @@ def weight_decay_mask(params) -> dict:
         lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAVES, params)
 
 
+def applied_updates(opt_state: optax.ApplyIfFiniteState, attempted: jax.Array) -> jax.Array:
+    """How many updates the optimizer has applied: the count its learning-rate schedule
+    reads, which skipped steps (non-finite, or float16 overflows) do not advance. An
+    optimizer without a schedule count (tests' plain SGD) is estimated from
+    ``attempted`` steps less the non-finite ones."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    scheduled = [v for path, v in found if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState"]
+    if scheduled or found:
+        return (scheduled or [v for _, v in found])[0]
+    return attempted - opt_state.total_notfinite
+
+
 def make_optimizer(config: OptimConfig, max_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config, max_steps)
     chain = optax.chain(

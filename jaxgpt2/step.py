@@ -22,6 +22,7 @@ import optax
 
 from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
+from jaxgpt2.optim import applied_updates
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -116,11 +117,9 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
             poisoned = jnp.isin(state.step, jnp.asarray(debug_nan_steps))
             grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
-        skipped_before = state.opt_state.total_notfinite
 
         overflow = jnp.zeros((), bool)
         if scaler is not None:
-            skipped_before = skipped_before + scaler.overflows
             grads_finite = all_finite(grads)
             overflow = scaler.is_overflow(loss_sum, grads_finite)
             # Zeros keep apply_if_finite from counting an overflow; that update is dropped.
@@ -130,13 +129,13 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
         if scaler is not None:
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new),
                                              (params, opt_state), (state.params, state.opt_state))
-            scaler = scaler.update(grads_finite, overflow, loss_scale_interval)
+            scaler = scaler.update(grads_finite, loss_scale_interval)
 
         metrics = {
             "loss": loss_sum / count,
             "tokens": count,
             "grad_norm": grad_norm,
-            "lr": schedule(state.step - skipped_before),
+            "lr": schedule(applied_updates(state.opt_state, state.step)),
             "applied": (opt_state.notfinite_count == 0) & ~overflow,
             "nonfinite_streak": opt_state.notfinite_count,
         }

@@ -11,7 +11,7 @@ import pytest
 from jaxgpt2.config import OptimConfig
 from jaxgpt2.loss_scale import LossScale
 from jaxgpt2.model import GPT
-from jaxgpt2.optim import learning_rate_schedule, make_optimizer
+from jaxgpt2.optim import applied_updates, learning_rate_schedule, make_optimizer
 from jaxgpt2.step import create_train_state, make_train_step
 from jaxgpt2.trainer import NonFiniteError, Trainer
 from test_resume import losses, make_config
@@ -30,18 +30,17 @@ def _leaves_equal(a, b) -> bool:
 def test_scale_halves_on_overflow_and_doubles_after_interval_finite_steps():
     s = LossScale.create(8.0)
     yes, no = jnp.asarray(True), jnp.asarray(False)
-    s = s.update(grads_finite=no, overflow=yes, interval=3)
-    assert (float(s.scale), int(s.good_steps), int(s.overflows)) == (4.0, 0, 1)
-    s = s.update(yes, no, 3)
-    s = s.update(yes, no, 3)
+    s = s.update(grads_finite=no, interval=3)
+    assert (float(s.scale), int(s.good_steps)) == (4.0, 0)
+    s = s.update(yes, 3)
+    s = s.update(yes, 3)
     assert (float(s.scale), int(s.good_steps)) == (4.0, 2)
-    s = s.update(yes, no, 3)
+    s = s.update(yes, 3)
     assert (float(s.scale), int(s.good_steps)) == (8.0, 0)
-    s = s.update(yes, no, 3)
-    s = s.update(no, yes, 3)  # an overflow also resets the run of good steps
-    assert (float(s.scale), int(s.good_steps), int(s.overflows)) == (4.0, 0, 2)
-    floor = LossScale.create(1.0).update(no, no, 3)
-    assert float(floor.scale) == 1.0
+    s = s.update(yes, 3)
+    s = s.update(no, 3)  # an overflow also resets the run of good steps
+    assert (float(s.scale), int(s.good_steps)) == (4.0, 0)
+    assert float(LossScale.create(1.0).update(no, 3).scale) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def test_overflowing_steps_are_skipped_whole_until_the_scale_fits(fp16_model):
         scales.append(float(m["loss_scale"]))
     assert overflows >= 3, "2**24 should overflow float16 for several halvings"
     assert scales[overflows - 1] == 2.0 ** 24 / 2 ** overflows
-    assert int(state.loss_scale.overflows) == overflows
+    assert int(applied_updates(state.opt_state, state.step)) == 30 - overflows
     assert int(state.opt_state.total_notfinite) == 0
     assert float(m["loss"]) < first_loss - 0.5
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
@@ -102,6 +101,41 @@ def test_unscaled_gradient_equals_the_float32_gradient_direction(fp16_model, sma
     assert (num / den) ** 0.5 < 2e-2
 
 
+def _sgd_delta(model, params, batch, scale):
+    import optax
+    tx = optax.apply_if_finite(optax.sgd(1.0), 10)
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1.0)))
+    state, _ = step(create_train_state(params, tx, 0, loss_scale=scale), batch)
+    return jnp.concatenate([(a - b).ravel() for a, b in
+                            zip(jax.tree.leaves(state.params), jax.tree.leaves(params))])
+
+
+def test_scaled_accumulation_over_masked_micro_batches_equals_one_batch(fp16_model):
+    model, params = fp16_model
+    one = _batch(2, rows=4)
+    one["loss_mask"][0, 1, 5:] = 0.0  # uneven real-token counts across micro-batches
+    one["loss_mask"][0, 3, 2:] = 0.0
+    split = {k: v.reshape(2, 2, -1) for k, v in one.items()}
+    whole, parts = _sgd_delta(model, params, one, 1024.0), _sgd_delta(model, params, split, 1024.0)
+    assert float(jnp.linalg.norm(whole - parts) / jnp.linalg.norm(whole)) < 1e-2
+
+
+def test_a_non_finite_loss_is_a_real_failure_even_with_scale_above_one(fp16_model):
+    """Only a finite loss with non-finite gradients is an overflow; a non-finite loss is
+    counted by apply_if_finite (the scale still halves, as in PyTorch)."""
+    model, params = fp16_model
+    broken = jax.tree.map(lambda x: x, params)
+    broken["wpe"] = {"embedding": params["wpe"]["embedding"].at[0, 0].set(jnp.inf)}
+    cfg = OptimConfig(warmup_steps=0)
+    tx = make_optimizer(cfg, 10)
+    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg, 10)))
+    state, m = step(create_train_state(broken, tx, 0, loss_scale=1024.0), _batch())
+    assert not np.isfinite(float(m["loss"]))
+    assert not bool(m["overflow"]) and not bool(m["applied"])
+    assert int(m["nonfinite_streak"]) == 1 and int(state.opt_state.total_notfinite) == 1
+    assert float(m["loss_scale"]) == 512.0
+
+
 def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
     fp16 = ("model.dtype=float16", "model.dropout=0.0", "optim.loss_scale_interval=4",
             "train.save_interval=6", "train.eval_interval=6")
@@ -111,7 +145,7 @@ def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
     Trainer(make_config(tmp_path, "split", "train.max_steps=6", *fp16)).run()
     second = Trainer(make_config(tmp_path, "split", "train.max_steps=12", "train.resume=true",
                                  *fp16))
-    assert float(second.state.loss_scale.scale) > 0
+    assert float(second.state.loss_scale.scale) == 65536.0 * 2  # grew once in 6 steps
     second.run()
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     assert _leaves_equal(jax.device_get(straight.state), jax.device_get(second.state))
@@ -121,12 +155,19 @@ def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
 
 
 def test_a_checkpoint_moves_between_float16_and_float32(tmp_path):
-    Trainer(make_config(tmp_path, "run", "train.max_steps=2", "train.save_interval=2",
-                        "model.dtype=float16")).run()
+    """Also the logged lr after the move: it follows applied updates, and the float16
+    run's overflow skips applied none."""
+    Trainer(make_config(tmp_path, "run", "train.max_steps=3", "train.save_interval=3",
+                        "model.dtype=float16", "optim.loss_scale=16777216")).run()
     as32 = Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.resume=true",
                                "model.dtype=float32"))
     assert as32.state.loss_scale is None
+    applied = int(applied_updates(as32.state.opt_state, as32.state.step))
+    assert applied < 3, "2**24 should have overflowed at least once"
     as32.run()
+    logged = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lr_at_4 = [r["lr"] for r in logged if r["step"] == 4 and "lr" in r][-1]
+    assert lr_at_4 == pytest.approx(float(as32.schedule(applied)))
     as16 = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true",
                                "model.dtype=float16", "optim.loss_scale=512"))
     assert float(as16.state.loss_scale.scale) == 512.0
