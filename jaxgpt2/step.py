@@ -13,6 +13,7 @@ step is skipped whole (parameters and optimizer state kept) while the scale halv
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -53,13 +54,42 @@ def cross_entropy_sum(padded_logits: jax.Array, targets: jax.Array, loss_mask: j
     Logits may arrive in bfloat16; the log-sum-exp runs in float32 and the padded
     vocabulary columns are excluded, so they are never predicted.
     """
-    logits = padded_logits.astype(jnp.float32)
-    columns = jnp.arange(logits.shape[-1])
-    logits = jnp.where(columns < vocab_size, logits, -jnp.inf)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = loss_mask.astype(jnp.float32)
-    return jnp.sum((log_z - target_logit) * mask), jnp.sum(mask)
+    return jnp.sum(token_nll(padded_logits, targets, vocab_size) * mask), jnp.sum(mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def token_nll(padded_logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
+    """Per-position negative log-likelihood (float32) of ``targets``.
+
+    Written with its own gradient, ``softmax - onehot``, computed from the logits in
+    their own dtype: differentiating the float32 log-sum-exp instead would keep a float32
+    copy of all the logits for the backward pass (for GPT-2 124M at 32 x 1024 tokens,
+    6.6 GB written and read twice, about 9 ms of a 70 ms H100 step).
+    """
+    return _token_nll_fwd(padded_logits, targets, vocab_size)[0]
+
+
+def _masked_f32(padded_logits: jax.Array, vocab_size: int) -> jax.Array:
+    columns = jnp.arange(padded_logits.shape[-1])
+    return jnp.where(columns < vocab_size, padded_logits.astype(jnp.float32), -jnp.inf)
+
+
+def _token_nll_fwd(padded_logits, targets, vocab_size):
+    log_z = jax.nn.logsumexp(_masked_f32(padded_logits, vocab_size), axis=-1)
+    target_logit = jnp.take_along_axis(padded_logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit.astype(jnp.float32), (padded_logits, targets, log_z)
+
+
+def _token_nll_bwd(vocab_size, residuals, g):
+    padded_logits, targets, log_z = residuals
+    probs = jnp.exp(_masked_f32(padded_logits, vocab_size) - log_z[..., None])
+    onehot = jnp.arange(padded_logits.shape[-1]) == targets[..., None]
+    d_logits = (probs - onehot) * g[..., None]
+    return d_logits.astype(padded_logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def _loss_sum(model: GPT, params, batch: dict, rng: jax.Array | None):
