@@ -53,7 +53,8 @@ def main() -> int:
           f"transformers {transformers.__version__}")
     failures = 0
     cases = [("float32", "xla", 1e-5), ("float32", "cudnn", 1e-5),
-             ("bfloat16", "xla", 3e-2), ("bfloat16", "cudnn", 3e-2)]
+             ("bfloat16", "xla", 3e-2), ("bfloat16", "cudnn", 3e-2),
+             ("float16", "xla", 1e-2), ("float16", "cudnn", 1e-2)]
     for dtype, attention, tol in cases:
         model = GPT(dataclasses.replace(config, dtype=dtype, attention=attention))
         fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))
