@@ -94,3 +94,12 @@ def test_missing_data_folder_exits_non_zero_with_the_fix(tmp_path):
     assert result.returncode == 1
     assert "does not exist; make one with `python -m jaxgpt2.prepare" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path):
+    Trainer(make_config(tmp_path, "run", "train.max_steps=2", "train.save_interval=2")).run()
+    before = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of a run \(steps 2\); "
+                                          r"continue it with train.resume=true"):
+        Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.save_interval=2"))
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == before
