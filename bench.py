@@ -21,14 +21,13 @@ import dataclasses
 import json
 import time
 
-from importlib import resources
-
 import jax
 import numpy as np
 
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import learning_rate_schedule, make_optimizer
+from jaxgpt2.prepare import bundled_corpus
 from jaxgpt2.step import create_train_state, make_train_step
 from jaxgpt2.tokenizer import GPT2Tokenizer
 
@@ -54,8 +53,7 @@ def token_windows(kind: str, rows: int, block_size: int, vocab_size: int) -> np.
     if kind == "random":
         ids = rng.integers(0, vocab_size, rows * (block_size + 1))
     else:
-        text = resources.files("jaxgpt2").joinpath("assets/tinyshakespeare.txt").read_text()
-        corpus = np.asarray(GPT2Tokenizer().encode(text)) % vocab_size
+        corpus = np.asarray(GPT2Tokenizer().encode(bundled_corpus().read_text())) % vocab_size
         starts = rng.integers(0, corpus.size - block_size - 1, rows)
         ids = np.concatenate([corpus[s:s + block_size + 1] for s in starts])
     return ids.reshape(1, rows, block_size + 1).astype(np.int32)

@@ -5,7 +5,8 @@ the non-finite counters, step, RNG key data, and a float16 run's loss scale; wri
 every process, sharded) and ``meta`` (JSON: the resolved config, tokenizer identity and
 the data position). Saves are asynchronous (training continues while files are written)
 and atomic (orbax writes to a temporary folder and renames it when complete, so a crash
-mid-save leaves no checkpoint that looks finished). Retention keeps the latest ``keep`` plus the best by ``val_loss``.
+mid-save leaves no checkpoint that looks finished). Retention keeps the latest ``keep``
+plus the best by ``val_loss``.
 """
 
 from __future__ import annotations

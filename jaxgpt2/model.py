@@ -88,16 +88,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
     """
     mask = None if key_mask is None else padding_mask(key_mask)
     if dropout_rng is None:
-        implementation = attention_implementation(config)
-        if q.dtype == jnp.float16 and implementation == "xla":
+        implementation, dtype = attention_implementation(config), q.dtype
+        if dtype == jnp.float16 and implementation == "xla":
             # XLA:CPU has no float16 x float16 -> float32 product, which the XLA path
             # uses; on a GPU float16 attention goes to cuDNN unless asked otherwise.
-            f32 = jnp.float32
-            return jax.nn.dot_product_attention(q.astype(f32), k.astype(f32), v.astype(f32),
-                                                mask=mask, is_causal=True,
-                                                implementation="xla").astype(q.dtype)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                            implementation=implementation)
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                         implementation=implementation)
+        return y.astype(dtype)
     T = q.shape[1]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]
@@ -288,6 +286,10 @@ class GPT(nn.Module):
         init_one = lambda r: block.init(r, sample, None, True)["params"]
         return jax.vmap(init_one)(jax.random.split(rng, self.config.n_layer))
 
+    def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token plus position embeddings, summed in float32 and cast once."""
+        return (self.wte(input_ids) + self.wpe(positions)).astype(compute_dtype(self.config))
+
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       deterministic: bool = True) -> jax.Array:
         """Final-LayerNorm outputs (B, T, n_embd) in the compute dtype."""
@@ -295,8 +297,7 @@ class GPT(nn.Module):
         T = input_ids.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={cfg.block_size}")
-        x = (self.wte(input_ids) + self.wpe(jnp.arange(T))).astype(compute_dtype(cfg))
-        x = self.drop(x, deterministic=deterministic)
+        x = self.drop(self._embed(input_ids, jnp.arange(T)), deterministic=deterministic)
 
         block = Block(cfg, parent=None)
         use_dropout = cfg.dropout > 0 and not deterministic
@@ -341,8 +342,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         start = cache.length
-        positions = start + jnp.arange(input_ids.shape[1])
-        x = (self.wte(input_ids) + self.wpe(positions)).astype(compute_dtype(cfg))
+        x = self._embed(input_ids, start + jnp.arange(input_ids.shape[1]))
         block = Block(cfg, parent=None)
 
         def run_block(x, params, cache_k, cache_v, layer):

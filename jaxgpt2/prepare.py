@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Iterable
 
@@ -113,12 +114,16 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, tokenizer: str = 
     return meta
 
 
+def bundled_corpus() -> Traversable:
+    """The Tiny Shakespeare text shipped inside the package."""
+    return resources.files("jaxgpt2").joinpath("assets/tinyshakespeare.txt")
+
+
 def ensure_bundled(name: str, cache_dir: str | Path) -> Path:
     """Prepare a bundled corpus (shipped in the package) into ``cache_dir/name`` once."""
     out = Path(cache_dir) / name
     if not (out / "meta.json").exists():
-        corpus = resources.files("jaxgpt2").joinpath("assets/tinyshakespeare.txt")
-        with resources.as_file(corpus) as path:
+        with resources.as_file(bundled_corpus()) as path:
             prepare([path], out, tokenizer=BUNDLED[name])
     return out
 
