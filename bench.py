@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -46,6 +47,12 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
+@functools.cache
+def _corpus_ids() -> np.ndarray:
+    """The bundled corpus in GPT-2 BPE, encoded once per run (not once per variant)."""
+    return np.asarray(GPT2Tokenizer().encode(bundled_corpus().read_text()))
+
+
 def token_windows(kind: str, rows: int, block_size: int, vocab_size: int) -> np.ndarray:
     """(1, rows, block_size + 1) int32 ids: consecutive windows of the bundled corpus
     (GPT-2 BPE, ids taken modulo ``vocab_size`` for small test vocabularies) or random."""
@@ -53,7 +60,7 @@ def token_windows(kind: str, rows: int, block_size: int, vocab_size: int) -> np.
     if kind == "random":
         ids = rng.integers(0, vocab_size, rows * (block_size + 1))
     else:
-        corpus = np.asarray(GPT2Tokenizer().encode(bundled_corpus().read_text())) % vocab_size
+        corpus = _corpus_ids() % vocab_size
         starts = rng.integers(0, corpus.size - block_size - 1, rows)
         ids = np.concatenate([corpus[s:s + block_size + 1] for s in starts])
     return ids.reshape(1, rows, block_size + 1).astype(np.int32)
@@ -66,7 +73,7 @@ def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int,
     tx = make_optimizer(optim, 1000)
     step = jax.jit(make_train_step(model, tx, learning_rate_schedule(optim, 1000)),
                    donate_argnums=0)
-    scale = 65536.0 if cfg.dtype == "float16" else None  # float16 trains with a loss scale
+    scale = optim.loss_scale if cfg.dtype == "float16" else None  # float16 trains with one
     state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0,
                                                scale))()
     ids = token_windows(tokens, batch_size, cfg.block_size, cfg.vocab_size)

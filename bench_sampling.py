@@ -23,7 +23,7 @@ from jaxgpt2.generate import generate
 from jaxgpt2.model import GPT, compute_dtype
 
 PRESETS = {
-    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2": GPTConfig(),  # GPT-2 124M: GPTConfig's defaults
     "tiny": GPTConfig(vocab_size=512, block_size=512, n_layer=2, n_head=4, n_embd=64),
 }
 

@@ -122,6 +122,22 @@ def padded_batch(split: Split, rng: np.random.Generator, rows: int, block_size: 
             "attention_mask": real[:, :-1].astype(np.int32)}
 
 
+# Each split draws from its own random stream: the trainer, ``jaxgpt2.evaluate`` and any
+# later reader of a run rebuild the same batches from (seed, stream, step).
+STREAMS = {"train": 0, "val": 1}
+
+
+def mean_loss(eval_step: Callable, params, source: Callable[[int], Batch], batches: int,
+              place: Callable[[Batch], object] = lambda batch: batch) -> tuple[float, float]:
+    """Token-weighted mean of ``eval_step(params, batch) -> (loss_sum, count)`` over the
+    first ``batches`` batches of ``source``, and the number of tokens scored."""
+    total, count = 0.0, 0.0
+    for i in range(batches):
+        loss_sum, n = eval_step(params, place(source(i)))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0), count
+
+
 class BatchSource:
     """Deterministic batches for each step of a split.
 

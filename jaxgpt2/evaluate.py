@@ -20,14 +20,11 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxgpt2.data import BatchSource, DataError, Split, open_dataset, resolve_dataset_dir
+from jaxgpt2.data import (STREAMS, BatchSource, DataError, Split, mean_loss, open_dataset,
+                          resolve_dataset_dir)
 from jaxgpt2.load import Loaded, load
 from jaxgpt2.model import GPT
 from jaxgpt2.step import make_eval_step
-
-# The trainer draws training batches from stream 0 and validation batches from stream 1.
-STREAMS = {"train": 0, "val": 1}
-
 
 @dataclass
 class Result:
@@ -40,12 +37,7 @@ def evaluate(model: GPT, params, split: Split, batches: int, batch_size: int,
              block_size: int, seed: int, stream: int, mode: str = "windows") -> Result:
     """Mean next-token loss over ``batches`` deterministic batches of ``split``."""
     source = BatchSource(split, mode, batch_size, block_size, 1, seed, stream)
-    eval_step = jax.jit(make_eval_step(model))
-    total, count = 0.0, 0.0
-    for i in range(batches):
-        loss_sum, n = eval_step(params, source(i))
-        total, count = total + float(loss_sum), count + float(n)
-    loss = total / max(count, 1.0)
+    loss, count = mean_loss(jax.jit(make_eval_step(model)), params, source, batches)
     return Result(loss, math.exp(loss), int(count))
 
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import Config, ConfigError, GPTConfig
-from jaxgpt2.data import BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
+from jaxgpt2.data import (STREAMS, BatchSource, Dataset, Prefetcher, mean_loss, open_dataset,
+                          resolve_dataset_dir)
 from jaxgpt2.generate import generate
 from jaxgpt2.hf import load_pretrained
 from jaxgpt2.model import GPT, count_params
@@ -291,9 +292,9 @@ class Trainer:
         rows = sharding.process_rows(dc.batch_size)
         block = self.gpt_config.block_size
         self.train_source = BatchSource(self.dataset.train, dc.mode, dc.batch_size, block,
-                                        tc.grad_accum, tc.seed, 0, *rows)
+                                        tc.grad_accum, tc.seed, STREAMS["train"], *rows)
         self.val_source = BatchSource(self.dataset.val, dc.mode, dc.batch_size, block,
-                                      1, tc.seed, 1, *rows)
+                                      1, tc.seed, STREAMS["val"], *rows)
 
     def _place(self, batch: dict) -> dict:
         return sharding.place_batch(batch, self.batch_sharding, self.config.data.batch_size)
@@ -302,11 +303,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over ``train.eval_steps`` fixed validation batches (the same ones at
         every evaluation, so successive values are comparable)."""
-        total, count = 0.0, 0.0
-        for i in range(self.config.train.eval_steps):
-            loss_sum, n = self.eval_step(self.state.params, self._place(self.val_source(i)))
-            total, count = total + float(loss_sum), count + float(n)
-        return total / max(count, 1.0)
+        return mean_loss(self.eval_step, self.state.params, self.val_source,
+                         self.config.train.eval_steps, self._place)[0]
 
     def _checkpoint_meta(self) -> dict:
         return {"config": self.resolved, "data": {"seed": self.config.train.seed,
