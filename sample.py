@@ -12,15 +12,17 @@ import sys
 
 import numpy as np
 
+from jaxgpt2.cli import add_model_arguments, run_tool
 from jaxgpt2.generate import generate
 from jaxgpt2.load import load
+from jaxgpt2.tokenizer import encode_prompt
 
 SEPARATOR = "-" * 40
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run folder, step folder or HF folder")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", default="\n",
                         help="text to continue; empty starts from <|endoftext|> (GPT-2 BPE)")
     parser.add_argument("--max_new_tokens", type=int, default=200)
@@ -29,32 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_p", type=float, default=1.0, help="1 keeps every token")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     parser.add_argument("--no_cache", action="store_true",
                         help="recompute the whole context for every token (slow; a reference)")
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num_samples must be >= 1")
-    try:
-        loaded = load(args.checkpoint, args.dtype)
-        tokenizer = loaded.tokenizer()
-        ids = tokenizer.encode(args.prompt)
-        if not ids:
-            if tokenizer.eot_id is None:
-                raise ValueError("the prompt is empty and this vocabulary has no "
-                                 "<|endoftext|> to start from; give --prompt some text")
-            ids = [tokenizer.eot_id]
-        out = generate(loaded.model, loaded.params, np.tile(ids, (args.num_samples, 1)),
-                       args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       args.seed, use_cache=not args.no_cache)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_tool(lambda: print_samples(args))
+
+
+def print_samples(args: argparse.Namespace) -> None:
+    loaded = load(args.checkpoint, args.dtype)
+    tokenizer = loaded.tokenizer()
+    ids = encode_prompt(tokenizer, args.prompt)
+    out = generate(loaded.model, loaded.params, np.tile(ids, (args.num_samples, 1)),
+                   args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   args.seed, use_cache=not args.no_cache)
     for row in out:
         print(tokenizer.decode(row.tolist()))
         print(SEPARATOR)
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ the data position). Saves are asynchronous (training continues while files are w
 and atomic (orbax writes to a temporary folder and renames it when complete, so a crash
 mid-save leaves no checkpoint that looks finished). Retention keeps the latest ``keep``
 plus the best by ``val_loss``.
+
+The trainer and the inference tools (``jaxgpt2.load``) read through the same class, so a
+damaged checkpoint is reported the same way everywhere: as a ``CheckpointError`` naming
+the step folder and the newest earlier checkpoint, never as orbax's own exception.
 """
 
 from __future__ import annotations
@@ -34,9 +38,14 @@ def _as_tree(state: TrainState) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Saves and restores train states under ``directory`` (``<out_dir>/checkpoints``)."""
+    """Saves and restores train states under ``directory`` (``<out_dir>/checkpoints``).
 
-    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True) -> None:
+    ``read_only`` opens an existing folder for reading alone: nothing is created, and no
+    retention or temporary-folder cleanup touches a run that may still be writing.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True,
+                 read_only: bool = False) -> None:
         self.directory = Path(directory).absolute()
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -45,7 +54,7 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation, enable_async_checkpointing=async_save,
-            create=True, cleanup_tmp_directories=True)
+            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
@@ -85,10 +94,25 @@ class Checkpointer:
         return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                           rng=tree["rng"], loss_scale=tree.get("loss_scale")), restored["meta"]
 
+    def read_params(self, step: int, abstract_params: Any) -> Any:
+        """Only ``params`` of ``step``'s state, shaped like ``abstract_params`` and placed
+        on the default device: inference needs neither the Adam moments (twice the
+        parameters' memory) nor the training mesh."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
+                                             partial_restore=True)))
+        except Exception as err:  # orbax raises many types for damaged files
+            raise self._unreadable(step, err) from err
+        return restored["state"]["params"]
+
     def _unreadable(self, step: int, err: Exception) -> CheckpointError:
         earlier = [s for s in self.steps() if s < step]
-        hint = (f"; resume from the previous checkpoint with train.resume_step={earlier[-1]}"
-                if earlier else "")
+        hint = (f"; the previous checkpoint is {self.directory / str(earlier[-1])} (resume "
+                f"from it with train.resume_step={earlier[-1]})" if earlier else "")
         return CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
                                f"({type(err).__name__}: {err}){hint}")
 

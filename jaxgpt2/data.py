@@ -62,6 +62,13 @@ def open_dataset(path: str | Path, min_tokens: int = 2) -> Dataset:
     """Open and check a prepared folder: files present, non-empty, long enough for one
     window of ``min_tokens``, and every id inside the vocabulary."""
     path = Path(path)
+    meta = read_meta(path)
+    splits = {name: open_split(path, name, meta, min_tokens) for name in ("train", "val")}
+    return Dataset(path, meta, splits["train"], splits["val"])
+
+
+def read_meta(path: Path) -> dict:
+    """A prepared folder's ``meta.json``, or a DataError saying how to make one."""
     meta_file = path / "meta.json"
     if not path.is_dir():
         raise DataError(f"data folder {str(path)!r} does not exist; make one with "
@@ -70,12 +77,12 @@ def open_dataset(path: str | Path, min_tokens: int = 2) -> Dataset:
     if not meta_file.exists():
         raise DataError(f"{meta_file} is missing: {str(path)!r} is empty or was not fully "
                         "prepared; rerun `python -m jaxgpt2.prepare ... --out " f"{path}`")
-    meta = json.loads(meta_file.read_text())
-    splits = {name: _open_split(path, name, meta, min_tokens) for name in ("train", "val")}
-    return Dataset(path, meta, splits["train"], splits["val"])
+    return json.loads(meta_file.read_text())
 
 
-def _open_split(path: Path, name: str, meta: dict, min_tokens: int) -> Split:
+def open_split(path: Path, name: str, meta: dict, min_tokens: int = 2) -> Split:
+    """One split of a prepared folder, checked as ``open_dataset`` checks both (this reads
+    the whole file once, so a tool that needs one split opens only that one)."""
     file = path / f"{name}.bin"
     if not file.exists() or file.stat().st_size == 0:
         raise DataError(f"{file} is missing or empty; rerun `python -m jaxgpt2.prepare`")

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxgpt2.data import (STREAMS, BatchSource, DataError, Split, mean_loss, open_dataset,
-                          resolve_dataset_dir)
+from jaxgpt2.cli import add_model_arguments, run_tool
+from jaxgpt2.data import (STREAMS, BatchSource, DataError, Split, mean_loss, open_split,
+                          read_meta, resolve_dataset_dir)
 from jaxgpt2.load import Loaded, load
 from jaxgpt2.model import GPT
 from jaxgpt2.step import make_eval_step
+
 
 @dataclass
 class Result:
@@ -60,7 +62,7 @@ def check_tokenizers_agree(loaded: Loaded, data_meta: dict, where: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run folder, step folder or HF folder")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="bundled dataset name or prepared folder")
     parser.add_argument("--cache_dir", default="data", help="where bundled datasets are prepared")
     parser.add_argument("--split", default="val", choices=tuple(STREAMS))
@@ -70,32 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="default: the run's train.seed, else 1337")
     parser.add_argument("--mode", choices=("windows", "padded"),
                         help="default: the run's data.mode, else windows")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     args = parser.parse_args(argv)
-    try:
-        loaded = load(args.checkpoint, args.dtype)
-        run = loaded.run_config or {}
-        train, data = run.get("train", {}), run.get("data", {})
-        batches = args.batches or train.get("eval_steps") or 20
-        batch_size = args.batch_size or data.get("batch_size", 8)
-        seed = args.seed if args.seed is not None else train.get("seed", 1337)
-        mode = args.mode or data.get("mode", "windows")
-        block = args.block_size or loaded.config.block_size
-        if not 0 < block <= loaded.config.block_size:
-            raise ValueError(f"--block_size must be in [1, {loaded.config.block_size}] "
-                             f"(the model's block_size), got {block}")
-        dataset = open_dataset(resolve_dataset_dir(args.data, args.cache_dir), min_tokens=block + 1)
-        check_tokenizers_agree(loaded, dataset.meta, str(dataset.path))
-        split = getattr(dataset, args.split)
-        result = evaluate(loaded.model, loaded.params, split, batches, batch_size, block,
-                          seed, STREAMS[args.split], mode)
-    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_tool(lambda: print_evaluation(args))
+
+
+def print_evaluation(args: argparse.Namespace) -> None:
+    loaded = load(args.checkpoint, args.dtype)
+    run = loaded.run_config or {}
+    train, data = run.get("train", {}), run.get("data", {})
+    batches = args.batches or train.get("eval_steps") or 20
+    batch_size = args.batch_size or data.get("batch_size", 8)
+    seed = args.seed if args.seed is not None else train.get("seed", 1337)
+    mode = args.mode or data.get("mode", "windows")
+    block = args.block_size or loaded.config.block_size
+    if not 0 < block <= loaded.config.block_size:
+        raise ValueError(f"--block_size must be in [1, {loaded.config.block_size}] "
+                         f"(the model's block_size), got {block}")
+    path = resolve_dataset_dir(args.data, args.cache_dir)
+    meta = read_meta(path)
+    check_tokenizers_agree(loaded, meta, str(path))
+    split = open_split(path, args.split, meta, min_tokens=block + 1)
+    result = evaluate(loaded.model, loaded.params, split, batches, batch_size, block,
+                      seed, STREAMS[args.split], mode)
     print(f"{args.split} loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
-          f"({batches} batches x {batch_size} x {block} of {dataset.path}, "
+          f"({batches} batches x {batch_size} x {block} of {path}, "
           f"{result.tokens:,} tokens scored; {loaded.source})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxgpt2.cli import run_tool
 from jaxgpt2.hf import save_pretrained
 from jaxgpt2.load import TOKENIZER_NAME, load
 
@@ -39,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="run folder or <run>/checkpoints/<step>")
     parser.add_argument("out_dir", help="folder to write (created if missing)")
     args = parser.parse_args(argv)
-    try:
+
+    def export_and_report() -> None:
         folder = export(args.checkpoint, args.out_dir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {folder} (load with transformers.GPT2LMHeadModel.from_pretrained)")
-    return 0
+        print(f"wrote {folder} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+
+    return run_tool(export_and_report)
 
 
 if __name__ == "__main__":

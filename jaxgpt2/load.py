@@ -10,7 +10,9 @@ Face GPT-2 folder.
 
 From a run only the ``params`` subtree of the orbax ``state`` is read (the Adam moments
 would double the memory and are of no use here), and the architecture and tokenizer come
-from the checkpoint's ``meta``, so neither the data nor the config file are needed. A
+from the checkpoint's ``meta``, so neither the data nor the config file are needed. Runs
+are read through ``checkpoint.Checkpointer`` (read-only), so a damaged checkpoint is the
+same ``CheckpointError``, naming the newest earlier step, here as when resuming. A
 Hugging Face folder's tokenizer is GPT-2's BPE, unless ``export`` left a
 ``jaxgpt2_tokenizer.json`` beside the weights (a character vocabulary, say).
 """
@@ -21,11 +23,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import jax
-import orbax.checkpoint as ocp
 
+from jaxgpt2.checkpoint import Checkpointer, CheckpointError
 from jaxgpt2.config import GPTConfig
 from jaxgpt2.hf import CONFIG_NAME, load_pretrained
 from jaxgpt2.model import GPT
@@ -87,35 +87,36 @@ def _load_hf(folder: Path) -> Loaded:
     return Loaded(config, params, tokenizer_meta, folder)
 
 
-def step_folder(path: Path) -> Path:
-    """The checkpoint a run folder, its ``checkpoints/`` or a step folder points at."""
+def _open_run(path: Path) -> tuple[Checkpointer, int]:
+    """The checkpoints folder (read-only) and step that a run folder, its
+    ``checkpoints/`` or a step folder points at: a run's latest finished checkpoint."""
     if path.name.isdigit() and (path / "state").is_dir():
-        return path
+        return Checkpointer(path.parent, read_only=True), int(path.name)
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    # Finished steps only: orbax writes into a temporary name and renames when complete.
-    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()
-                   and (p / "state").is_dir()) if directory.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(
-            f"{path}: not a run folder with checkpoints, a checkpoint step folder, or a "
-            f"Hugging Face folder with {CONFIG_NAME}")
-    return directory / str(steps[-1])
+    if directory.is_dir():
+        checkpointer = Checkpointer(directory, read_only=True)
+        step = checkpointer.latest_step()  # finished saves only: orbax renames on completion
+        if step is not None:
+            return checkpointer, step
+        checkpointer.close()
+    raise FileNotFoundError(
+        f"{path}: not a run folder with checkpoints, a checkpoint step folder, or a "
+        f"Hugging Face folder with {CONFIG_NAME}")
 
 
 def _load_run(path: Path) -> Loaded:
-    step = step_folder(path)
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step / "meta")
-    model = meta["config"]["model"]
-    config = GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
-    params = restore_params(step, config)
-    return Loaded(config, params, meta.get("tokenizer"), step, meta["config"])
-
-
-def restore_params(step: Path, config: GPTConfig) -> Any:
-    """Only ``params`` of the checkpoint's ``state``, onto the default device."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {"params": jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-    restored = ocp.PyTreeCheckpointer().restore(step / "state", args=ocp.args.PyTreeRestore(
-        abstract, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
+    checkpointer, step = _open_run(path)
+    try:
+        meta = checkpointer.read_meta(step)
+        source = checkpointer.directory / str(step)
+        try:
+            model = meta["config"]["model"]
+            config = GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{source}: its meta holds no complete model config "
+                                  f"(missing {err}); is it a jaxgpt2 checkpoint?") from err
+        abstract = jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))
+        params = checkpointer.read_params(step, abstract)
+    finally:
+        checkpointer.close()
+    return Loaded(config, params, meta.get("tokenizer"), source, meta["config"])

@@ -87,6 +87,19 @@ def _gpt2_encoding() -> tiktoken.Encoding:
                              special_tokens={ENDOFTEXT: GPT2_EOT_ID}, explicit_n_vocab=50257)
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` as a prompt to continue. An empty prompt starts a fresh document from
+    ``<|endoftext|>``, as GPT-2 was trained to; a vocabulary without that token (the
+    character level) has no neutral start, so an empty prompt is refused, not guessed."""
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.eot_id is None:
+        raise ValueError(f"the prompt is empty and the {tokenizer.name!r} vocabulary has no "
+                         f"{ENDOFTEXT} to start from; give the prompt some text")
+    return [tokenizer.eot_id]
+
+
 def tokenizer_from_meta(meta: dict) -> Tokenizer:
     """The tokenizer a prepared dataset was made with, from its ``meta.json``."""
     kind = meta.get("tokenizer")

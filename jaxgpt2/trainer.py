@@ -32,6 +32,7 @@ from jaxgpt2.optim import learning_rate_schedule, make_optimizer
 from jaxgpt2 import sharding
 from jaxgpt2.loss_scale import LossScale
 from jaxgpt2.step import TrainState, create_train_state, make_eval_step, make_train_step
+from jaxgpt2.tokenizer import encode_prompt
 
 # Fields that define what a checkpoint *is*; changing them on resume is an error.
 # Everything else (steps, cadence, schedule length, batch size) may change and is logged.
@@ -177,6 +178,11 @@ class Trainer:
         data_dir = resolve_dataset_dir(config.data.dataset, config.data.cache_dir)
         block = config.model.block_size
         self.dataset = open_dataset(data_dir, min_tokens=block + 1)
+        if tc.sample_tokens:  # found now, not after the training it would follow
+            try:
+                encode_prompt(self.dataset.tokenizer(), tc.sample_prompt)
+            except ValueError as err:
+                raise ConfigError(f"train.sample_prompt={tc.sample_prompt!r}: {err}") from None
         self.pretrained = load_pretrained(config.model.init_from) if config.model.init_from else None
         self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
                                                self.pretrained[0] if self.pretrained else None)
@@ -417,10 +423,9 @@ class Trainer:
 
     def sample(self) -> str:
         """A short sample from the trained model (printed at the end of a run)."""
-        tokenizer = self.dataset.tokenizer()
         tc = self.config.train
-        prompt = tokenizer.encode(tc.sample_prompt) or [tokenizer.eot_id or 0]
+        prompt = encode_prompt(self.dataset.tokenizer(), tc.sample_prompt)
         params = sharding.to_host(self.state.params)  # whole, even if split across hosts
         ids = generate(self.model, params, np.asarray([prompt]), tc.sample_tokens,
                        temperature=0.8, top_k=200, seed=tc.seed)
-        return tokenizer.decode(ids[0].tolist())
+        return self.dataset.tokenizer().decode(ids[0].tolist())

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxgpt2 import evaluate, export
+from jaxgpt2.checkpoint import CheckpointError
 from jaxgpt2.config import load_config
 from jaxgpt2.generate import generate
 from jaxgpt2.hf import load_pretrained
@@ -81,6 +83,33 @@ def test_load_restores_the_latest_checkpoints_params_exactly(run):
 def test_load_names_what_a_checkpoint_argument_may_be(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load(tmp_path)
+    assert list(tmp_path.iterdir()) == [], "reading must not create folders"
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        load(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+
+
+def damaged_copy(run_dir: Path, tmp_path: Path, item: str) -> Path:
+    """A copy of ``run_dir`` whose latest checkpoint's ``item`` (meta or state) has every
+    file cut to a third."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for file in (copy / "checkpoints" / "4" / item).rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+    return copy
+
+
+@pytest.mark.parametrize("item", ["meta", "state"])
+def test_tools_report_a_damaged_checkpoint_and_name_the_previous_one(run, tmp_path, capsys, item):
+    copy = damaged_copy(run[0], tmp_path, item)
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be read.*checkpoints/2"):
+        load(copy)
+    assert sample.main(["--checkpoint", str(copy), "--max_new_tokens", "2"]) == 1
+    assert "checkpoints/4 cannot be read" in capsys.readouterr().err
+    assert export.main([str(copy), str(tmp_path / "hf")]) == 1
+    assert "checkpoints/4 cannot be read" in capsys.readouterr().err
+    assert load(copy / "checkpoints" / "2").source.name == "2"  # the one it names opens
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -121,6 +150,12 @@ def test_sample_reports_a_prompt_outside_the_char_vocabulary(run, capsys):
     assert "not in this character vocabulary" in capsys.readouterr().err
 
 
+def test_sample_refuses_an_empty_prompt_with_no_endoftext_to_start_from(run, capsys):
+    out, _ = run
+    assert sample.main(["--checkpoint", str(out), "--prompt", ""]) == 1
+    assert "prompt is empty and the 'char' vocabulary has no <|endoftext|>" in capsys.readouterr().err
+
+
 def test_sample_cli_runs_as_a_script(run):
     out, _ = run
     result = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(out), "--prompt",
@@ -155,6 +190,17 @@ def test_evaluate_options_choose_split_batches_and_window(run, data_dir, capsys)
     printed = capsys.readouterr().out
     assert printed.startswith("train loss") and "3 batches x 4 x 16" in printed
     assert "192 tokens scored" in printed
+
+
+def test_evaluate_reads_only_the_split_it_scores(run, data_dir, tmp_path, capsys):
+    out, _ = run
+    data = tmp_path / "val_only"
+    shutil.copytree(data_dir / "shakespeare_char", data)
+    (data / "train.bin").unlink()
+    assert evaluate.main(["--checkpoint", str(out), "--data", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("val loss")
+    assert evaluate.main(["--checkpoint", str(out), "--data", str(data), "--split", "train"]) == 1
+    assert "train.bin is missing or empty" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_data_in_another_tokenization(run, data_dir, capsys):

@@ -103,3 +103,12 @@ def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path)
                                           r"continue it with train.resume=true"):
         Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.save_interval=2"))
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("prompt, problem", [("", "prompt is empty"),
+                                             ("€", "not in this character vocabulary")])
+def test_an_unusable_sample_prompt_is_refused_before_training(tmp_path, prompt, problem):
+    with pytest.raises(ConfigError, match=f"train.sample_prompt=.*{problem}"):
+        Trainer(make_config(tmp_path, "run", "train.sample_tokens=5",
+                            f"train.sample_prompt={prompt}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

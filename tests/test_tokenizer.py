@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 import tiktoken
 
-from jaxgpt2.tokenizer import CharTokenizer, GPT2Tokenizer
+from jaxgpt2.tokenizer import CharTokenizer, GPT2Tokenizer, encode_prompt
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 
@@ -50,3 +50,12 @@ def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
     assert tok.decode(tok.encode(text)) == text
     with pytest.raises(ValueError, match="not in this character vocabulary"):
         tok.encode("é")
+
+
+def test_an_empty_prompt_starts_from_endoftext_or_is_refused():
+    assert encode_prompt(GPT2Tokenizer(), "") == [50256]
+    assert encode_prompt(GPT2Tokenizer(), "Hello world") == [15496, 995]
+    chars = CharTokenizer.from_text("ab\n")
+    assert encode_prompt(chars, "ba") == [2, 1]
+    with pytest.raises(ValueError, match="prompt is empty and the 'char' vocabulary has no"):
+        encode_prompt(chars, "")
