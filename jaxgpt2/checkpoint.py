@@ -15,6 +15,7 @@ the step folder and the newest earlier checkpoint, never as orbax's own exceptio
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,20 @@ from jaxgpt2.step import TrainState
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored, phrased with what to do instead."""
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" on every read-only open; for sample.py
+    and the other inference tools that is the intent, not news, so it is not printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+def _silence_read_only_notice() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropReadOnlyNotice())
 
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
@@ -54,7 +69,10 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation, enable_async_checkpointing=async_save,
-            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
+            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1)
+        if read_only:
+            _silence_read_only_notice()
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
