@@ -45,7 +45,8 @@ def print_samples(args: argparse.Namespace) -> None:
     ids = encode_prompt(tokenizer, args.prompt)
     out = generate(loaded.model, loaded.params, np.tile(ids, (args.num_samples, 1)),
                    args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   args.seed, use_cache=not args.no_cache)
+                   args.seed, use_cache=not args.no_cache,
+                   vocab_limit=min(tokenizer.vocab_size, loaded.config.vocab_size))
     for row in out:
         print(tokenizer.decode(row.tolist()))
         print(SEPARATOR)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgpt2.step import TrainState
@@ -59,8 +60,7 @@ class Checkpointer:
     retention or temporary-folder cleanup touches a run that may still be writing.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True,
-                 read_only: bool = False) -> None:
+    def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False) -> None:
         self.directory = Path(directory).absolute()
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -68,7 +68,7 @@ class Checkpointer:
                            keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=async_save,
+            preservation_policy=preservation, enable_async_checkpointing=True,
             create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
             save_interval_steps=0 if read_only else 1)
         if read_only:
@@ -127,12 +127,32 @@ class Checkpointer:
             raise self._unreadable(step, err) from err
         return restored["state"]["params"]
 
+    def set_aside_after(self, step: int, folder: Path) -> list[int]:
+        """Move the checkpoints after ``step`` into ``folder`` (kept, never deleted), so a
+        run resumed from ``step`` can save those step numbers again; returns them."""
+        later = [s for s in self.steps() if s > step]
+        if later and jax.process_index() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for s in later:
+                target, copies = folder / str(s), 1
+                while target.exists():  # set aside before: keep both
+                    target, copies = folder / f"{s}.{copies}", copies + 1
+                (self.directory / str(s)).rename(target)
+        if later and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxgpt2_set_aside_checkpoints")
+        self.manager.reload()
+        return later
+
     def _unreadable(self, step: int, err: Exception) -> CheckpointError:
         earlier = [s for s in self.steps() if s < step]
         hint = (f"; the previous checkpoint is {self.directory / str(earlier[-1])} (resume "
-                f"from it with train.resume_step={earlier[-1]})" if earlier else "")
+                f"from it with train.resume_step={earlier[-1]}, or pass that folder to "
+                "sample.py, evaluate or export)" if earlier else "")
+        # orbax's messages can run to dozens of lines (a whole TensorStore spec); the
+        # first line says what failed.
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
         return CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                               f"({type(err).__name__}: {err}){hint}")
+                               f"({type(err).__name__}: {reason}){hint}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -230,8 +230,57 @@ def _suggest(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+@dataclass(frozen=True)
+class _OverrideValue:
+    """An override's value both as typed and as YAML reads it.
+
+    Overrides land in the raw tree before field types are known, so the choice waits for
+    ``_coerce``: str fields take ``text``, the others ``parsed()``. Text that is not valid
+    YAML is fine for a str field, so its YAML ``error`` is raised only when the value is
+    needed.
+    """
+
+    override: str
+    text: str
+    value: Any = None
+    error: str = ""
+
+    def parsed(self) -> Any:
+        if self.error:
+            raise ConfigError(f"override {self.override!r}: the value is not valid YAML "
+                              f"({self.error}); fix its syntax, e.g. a list is [1, 2]")
+        return self.value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """yaml's complaint on one line: where (line and column, when known) and what."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + problem + (f" ({context})" if context else "")
+
+
+def _override_value(override: str, raw: str) -> _OverrideValue:
+    """Keep ``raw`` and what YAML reads from it; an empty value is the empty string."""
+    if not raw.strip():
+        return _OverrideValue(override, raw, "")
+    try:
+        return _OverrideValue(override, raw, yaml.safe_load(raw))
+    except yaml.YAMLError as err:
+        return _OverrideValue(override, raw, error=_yaml_problem(err))
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a dataclass field annotation, converting ints to floats."""
+    """Check ``value`` against a dataclass field annotation, converting ints to floats.
+
+    An override (``_OverrideValue``) gives str fields its text as typed (see
+    ``_takes_text``) and every other field the value YAML reads from that text.
+    """
+    if isinstance(value, _OverrideValue):
+        if _takes_text(value, annotation):
+            return value.text
+        value = value.parsed()
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -257,14 +306,46 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+    if annotation is str and not isinstance(value, (str, dict, list, type(None))):
+        # The text is gone (0123 was read as 83, 1.50 as 1.5), so str(value) would guess.
+        leaf = key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{key}: expected text, but YAML read the value as the "
+                          f"{type(value).__name__} {value}; quote it so YAML keeps it as "
+                          f'written, e.g. {leaf}: "0123"')
     if annotation in (int, float, bool, str):
         if type(value) is not annotation:
             raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r} "
                               f"({type(value).__name__})")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _takes_text(value: _OverrideValue, annotation: Any) -> bool:
+    """Whether an override fills a field with its text as typed rather than YAML's reading.
+
+    A str field always does: YAML would make ``ROMEO:`` a mapping, ``0123`` the number 83
+    and ``2024-06-01`` a date. A union with str (``str | None``) does too, except for a
+    YAML null (``null``, ``~``) when None is allowed; an empty value stays the empty
+    string, as for a plain str field.
+    """
+    if annotation is str:
+        return True
+    options = typing.get_args(annotation)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType) or str not in options:
+        return False
+    return not (type(None) in options and not value.error and value.value is None)
+
+
+def _section(key: str, value: Any) -> dict[str, Any]:
+    """``value`` as a section's mapping, or a ConfigError saying that ``key`` needs one."""
+    if isinstance(value, _OverrideValue):
+        value = value.parsed()
+    if isinstance(value, dict):
+        return value
+    preset = key == "model" and str(value) in PRESETS  # model=gpt2 for model.preset=gpt2
+    hint = f"; did you mean {key}.preset={value}?" if preset else ""
+    raise ConfigError(f"{key} must be a section (a mapping), got {value!r}; set the keys "
+                      f"inside it instead, e.g. {key}.<name>=<value>{hint}")
 
 
 def _build(cls, values: dict[str, Any], prefix: str):
@@ -276,9 +357,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
             raise ConfigError(f"unknown config key '{prefix}{key}'"
                               + _suggest(key, names) + f" (valid keys: {', '.join(names)})")
         if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{key} must be a section (a mapping), got {value!r}")
-            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
+            kwargs[key] = _build(hints[key], _section(f"{prefix}{key}", value), f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
     return cls(**kwargs)
@@ -292,21 +371,33 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     parts = dotted.strip().split(".")
     node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(part, {})
+        if isinstance(child, _OverrideValue) and isinstance(child.value, dict):
+            child = node[part] = child.value  # a section set by an earlier override
+        if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node = child
+    node[parts[-1]] = _override_value(override, raw)
 
 
 def _apply_preset(tree: dict[str, Any]) -> None:
-    model = tree.get("model") or {}
-    preset = model.get("preset")
+    model = _section("model", tree.get("model") or {})
+    preset = _coerce("model.preset", model.get("preset", ""), str)
     if not preset:
         return
     if preset not in PRESETS:
         raise ConfigError(f"model.preset={preset!r} is unknown" + _suggest(preset, PRESETS)
                           + f" (presets: {', '.join(PRESETS)})")
     tree["model"] = {**PRESETS[preset], **model}
+
+
+def _read_yaml_file(path: Path) -> Any:
+    """Parse a config file; a syntax error names the file and line, not a yaml traceback."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}; "
+                          "fix the syntax there") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -319,7 +410,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} not found; configs live in configs/, "
                               "e.g. --config configs/shakespeare_char_cpu.yaml")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for override in overrides:
@@ -329,7 +420,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config.validate()
     return config
 
-
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with ``Config.to_dict`` (checkpoints, run folders)."""
-    return _build(Config, tree, "")

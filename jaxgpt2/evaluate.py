@@ -80,6 +80,9 @@ def print_evaluation(args: argparse.Namespace) -> None:
     loaded = load(args.checkpoint, args.dtype)
     run = loaded.run_config or {}
     train, data = run.get("train", {}), run.get("data", {})
+    for name in ("batches", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     batches = args.batches or train.get("eval_steps") or 20
     batch_size = args.batch_size or data.get("batch_size", 8)
     seed = args.seed if args.seed is not None else train.get("seed", 1337)

@@ -58,22 +58,30 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float,
 
 def generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, use_cache: bool = True) -> np.ndarray:
+             seed: int = 0, use_cache: bool = True, vocab_limit: int | None = None) -> np.ndarray:
     """Extend each row of ``prompt_ids`` (B, P), or one prompt (P,), by ``max_new_tokens``
     tokens; returns (B, P + max_new_tokens) int32 ids, prompt included.
 
     ``temperature=0`` is greedy decoding; ``top_k`` of 0/None and ``top_p`` of 1/None
     disable those filters. Rows share the prompt length (pad nothing; sample several
-    continuations of one prompt by repeating it).
+    continuations of one prompt by repeating it). ``vocab_limit`` samples only ids below
+    it: pass the tokenizer's size, since a model may have more rows than its tokenizer
+    has tokens (``model.vocab_size`` set above the data's), and those ids cannot be
+    decoded.
     """
     tokens = _check_prompt(prompt_ids, model.config.vocab_size)
     top_k, top_p = _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if vocab_limit is not None and not 0 < vocab_limit <= model.config.vocab_size:
+        raise ValueError(f"vocab_limit must be in [1, {model.config.vocab_size}] (the model's "
+                         f"vocabulary), got {vocab_limit}")
+    if vocab_limit == model.config.vocab_size:
+        vocab_limit = None  # one compiled program for "no limit"
     if max_new_tokens == 0:
         return tokens
     room = model.config.block_size - tokens.shape[1] + 1  # tokens the cache can produce
     n_cached = min(max_new_tokens, max(room, 0)) if use_cache else 0
     new = _generate(model, params, jnp.asarray(tokens), jax.random.PRNGKey(seed),
-                    max_new_tokens, n_cached, float(temperature), top_k, top_p)
+                    max_new_tokens, n_cached, float(temperature), top_k, top_p, vocab_limit)
     return np.concatenate([tokens, np.asarray(new, np.int32)], axis=1)
 
 
@@ -106,15 +114,16 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
 
 
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "n_cached", "temperature",
-                                   "top_k", "top_p"))
+                                   "top_k", "top_p", "vocab_limit"))
 def _generate(model: GPT, params, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
               n_cached: int, temperature: float, top_k: int | None,
-              top_p: float | None) -> jax.Array:
+              top_p: float | None, vocab_limit: int | None = None) -> jax.Array:
     """(B, max_new_tokens) new tokens: ``n_cached`` from the cache, the rest uncached."""
     params = weights_in_compute_dtype(params, compute_dtype(model.config))
 
     def pick(logits: jax.Array, i: int | jax.Array) -> jax.Array:
-        return sample_logits(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+        return sample_logits(logits[:, :vocab_limit], jax.random.fold_in(rng, i),
+                             temperature, top_k, top_p)
 
     tokens = prompt
     if n_cached:

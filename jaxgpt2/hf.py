@@ -34,18 +34,17 @@ from typing import Any, Iterator, Mapping
 import jax
 import ml_dtypes  # registers bfloat16 with numpy, so bf16 checkpoints load
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxgpt2.config import GPTConfig
+from jaxgpt2.tokenizer import GPT2_EOT_ID
 
 __all__ = ["load_pretrained", "save_pretrained", "hf_config_to_gpt", "gpt_to_hf_config"]
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-# The ``<|endoftext|>`` id of the GPT-2 BPE vocabulary (bos, eos and the usual pad).
-ENDOFTEXT_ID = 50256
 
 # (HF name inside a block, path under params["h"]); order is HF's state_dict order, which
 # is the order tensors are checked in (so "the first mismatch" is well defined).
@@ -135,7 +134,8 @@ def gpt_to_hf_config(config: GPTConfig) -> dict[str, Any]:
     contains it (a GPT-2 BPE vocabulary); for other vocabularies they are left unset so
     transformers does not warn about out-of-range special tokens.
     """
-    special = ENDOFTEXT_ID if config.vocab_size > ENDOFTEXT_ID else None
+    # <|endoftext|> is GPT-2's bos, eos and usual pad.
+    special = GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else None
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -182,12 +182,6 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _tensor_specs(config: GPTConfig, expected: Mapping
@@ -238,8 +232,44 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, list[Path]]:
     return config_path, weights
 
 
+@contextlib.contextmanager
+def _unreadable_as_value_error(file: Path) -> Iterator[None]:
+    """Re-raise safetensors' error for a damaged ``file`` as a ``ValueError`` naming it.
+
+    ``SafetensorError`` is not a ``ValueError`` (so the tools' ``run_tool`` would show a
+    traceback) and says only "Error while deserializing header", not which file."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); re-download "
+                         "or re-export it") from err
+
+
+def _open_weights(file: Path) -> Any:
+    """``safe_open(file)`` for numpy; a truncated or corrupt file raises ``ValueError``
+    here, since the header is parsed on open."""
+    with _unreadable_as_value_error(file):
+        return safe_open(file, framework="numpy")
+
+
+def _read_tensor(handle: Any, file: Path, key: str) -> np.ndarray:
+    """``handle.get_tensor(key)``, a damaged ``file`` reported as ``ValueError``."""
+    with _unreadable_as_value_error(file):
+        return handle.get_tensor(key)
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON file of the folder; a damaged one is a ``ValueError`` naming it (json's own
+    error gives a line and column but not the file)."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); re-download or re-export "
+                         "the folder") from err
+
+
 def _index_shards(index: Path) -> list[Path]:
-    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    weight_map = _read_json(index).get("weight_map", {})
     return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
@@ -260,13 +290,13 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     unexpected tensors, or an ``lm_head.weight`` that is not tied to ``wte``.
     """
     config_path, weight_files = _resolve(path)
-    config = hf_config_to_gpt(json.loads(config_path.read_text()), str(config_path))
+    config = hf_config_to_gpt(_read_json(config_path), str(config_path))
 
     # HF name without prefix -> (file, name as stored)
     stored: dict[str, tuple[Path, str]] = {}
     lm_head: tuple[Path, str] | None = None
     for file in weight_files:
-        with safe_open(file, framework="numpy") as f:
+        with _open_weights(file) as f:
             for key in f.keys():
                 bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
                 if bare == "lm_head.weight":
@@ -293,18 +323,19 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
 
     params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="numpy"))
+        handles = {file: stack.enter_context(_open_weights(file))
                    for file in weight_files}
         for name, _, _, shape in specs:  # headers only: fail before reading any data
             file, key = stored[name]
-            found = tuple(handles[file].get_slice(key).get_shape())
+            with _unreadable_as_value_error(file):
+                found = tuple(handles[file].get_slice(key).get_shape())
             if found != shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {found}, expected {shape} "
                                  f"from {config_path} (vocab_size={config.vocab_size}, "
                                  f"n_positions={config.block_size}, n_embd={config.n_embd})")
         for name, param_path, layer, shape in specs:
             file, key = stored[name]
-            value = handles[file].get_tensor(key)
+            value = _read_tensor(handles[file], file, key)
             if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
                 raise ValueError(f"{file}: tensor {key!r} has dtype {value.dtype}, "
                                  "expected a floating point type")
@@ -315,7 +346,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
                 target[layer] = value
         if lm_head is not None:
             file, key = lm_head
-            head = handles[file].get_tensor(key).astype(np.float32)
+            head = _read_tensor(handles[file], file, key).astype(np.float32)
             wte = params["wte"]["embedding"][: config.vocab_size]
             if head.shape != wte.shape or not np.array_equal(head, wte):
                 raise ValueError(f"{file}: {key!r} differs from wte.weight; jaxgpt2 ties the "

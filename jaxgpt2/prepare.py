@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -39,7 +40,7 @@ def read_documents(inputs: Iterable[str | Path]) -> list[str]:
             if file.suffix in JSONL_SUFFIXES:
                 docs.extend(_read_jsonl(file))
             elif file.suffix in TEXT_SUFFIXES or not path.is_dir():
-                docs.append(file.read_text(encoding="utf-8"))
+                docs.append(_read_text(file))
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"no text found in {[str(i) for i in inputs]}; expected .txt or "
@@ -47,12 +48,32 @@ def read_documents(inputs: Iterable[str | Path]) -> list[str]:
     return docs
 
 
+def _read_text(file: Path) -> str:
+    """``file`` decoded as UTF-8. Python's own UnicodeDecodeError names a byte position
+    but not the file, which is useless when a folder of thousands is being read."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err}); inputs must be UTF-8: convert "
+                         "it (e.g. `iconv -t utf-8`) or leave it out") from err
+
+
+def _parse_jsonl_line(file: Path, lineno: int, line: str) -> object:
+    """One JSONL line, parsed. json's own error says "line 1 column 1" of the line alone,
+    so the file and its line number are added here."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}:{lineno}: not valid JSON ({err}); each line must be a JSON "
+                         "object with a string 'text' field") from err
+
+
 def _read_jsonl(file: Path) -> list[str]:
     docs = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_read_text(file).splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        record = _parse_jsonl_line(file, lineno, line)
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{file}:{lineno}: each JSONL line must be an object with a "
                              "string 'text' field")
@@ -60,13 +81,44 @@ def _read_jsonl(file: Path) -> list[str]:
     return docs
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    """Both splits are written and training reads both, so a fraction of 0 (an empty
+    ``val.bin``) or 1 (an empty ``train.bin``) only fails later, and more confusingly."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val_fraction must be between 0 and 1 (exclusive), got "
+                         f"{val_fraction}; 0.1 (the default) holds out a tenth for validation")
+
+
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """A single document is split by characters (nanoGPT's 90/10 on Tiny Shakespeare);
-    several documents are split whole, the last ``val_fraction`` of them to validation."""
+    several documents are split whole, the last ``val_fraction`` of them to validation.
+
+    A split that would come out empty is refused here, naming the counts, rather than
+    written as an empty token file that training refuses without saying why."""
+    check_val_fraction(val_fraction)
     if len(docs) == 1:
-        cut = int(len(docs[0]) * (1 - val_fraction))
-        return [docs[0][:cut]], [docs[0][cut:]]
+        return _split_characters(docs[0], val_fraction)
+    return _split_whole(docs, val_fraction)
+
+
+def _split_characters(doc: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """The first ``1 - val_fraction`` of the characters to train, the rest to val."""
+    cut = int(len(doc) * (1 - val_fraction))
+    if not 0 < cut < len(doc):
+        empty = "train" if cut == 0 else "val"
+        raise ValueError(f"the only document has {len(doc)} character(s), and --val_fraction "
+                         f"{val_fraction} of it leaves the {empty} split empty; give more text "
+                         "or another --val_fraction")
+    return [doc[:cut]], [doc[cut:]]
+
+
+def _split_whole(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The last ``val_fraction`` of the documents (at least one) to val, the rest to train."""
     n_val = max(1, round(len(docs) * val_fraction))
+    if n_val >= len(docs):
+        raise ValueError(f"--val_fraction {val_fraction} of {len(docs)} documents puts all "
+                         f"{len(docs)} in the val split and none in train; lower "
+                         "--val_fraction or give more documents")
     return docs[:-n_val], docs[-n_val:]
 
 
@@ -94,7 +146,9 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, tokenizer: str = 
     out = Path(out_dir)
     if tokenizer not in ("gpt2", "char"):
         raise ValueError(f"tokenizer must be 'gpt2' or 'char', got {tokenizer!r}")
+    check_val_fraction(val_fraction)  # before reading: a corpus can take a while
     docs = read_documents(inputs)
+    splits = split_documents(docs, val_fraction)  # before anything is written
     tok: Tokenizer = GPT2Tokenizer() if tokenizer == "gpt2" else CharTokenizer.from_text("".join(docs))
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
@@ -102,7 +156,7 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, tokenizer: str = 
                   "eot_id": tok.eot_id}
     if isinstance(tok, CharTokenizer):
         meta["chars"] = tok.chars
-    for split, split_docs in zip(("train", "val"), split_documents(docs, val_fraction)):
+    for split, split_docs in zip(("train", "val"), splits):
         ids, starts = encode_documents(split_docs, tok)
         ids.astype(dtype).tofile(out / f"{split}.bin")
         np.save(out / f"{split}_docs.npy", starts)
@@ -128,17 +182,26 @@ def ensure_bundled(name: str, cache_dir: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (1 with ``error: ...`` for bad input)."""
+    # local: cli imports orbax (via checkpoint), which importing prepare (data.py does)
+    # should not need
+    from jaxgpt2.cli import run_tool
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="text/JSONL files or folders")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
     parser.add_argument("--val_fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
-    meta = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction)
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
-          f"tokens ({meta['tokenizer']}, vocab {meta['vocab_size']})")
+
+    def prepare_and_report() -> None:
+        meta = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction)
+        print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
+              f"val tokens ({meta['tokenizer']}, vocab {meta['vocab_size']})")
+
+    return run_tool(prepare_and_report)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from contextlib import contextmanager
@@ -38,6 +39,11 @@ from jaxgpt2.tokenizer import encode_prompt
 # Everything else (steps, cadence, schedule length, batch size) may change and is logged.
 INCOMPATIBLE_ON_RESUME = ("model.vocab_size", "model.block_size", "model.n_layer",
                           "model.n_head", "model.n_embd", "model.bias", "data.tokenizer")
+
+
+# Where checkpoints after a resumed step are moved (kept, never deleted): a run resumed
+# from an earlier step saves those step numbers again.
+SUPERSEDED = "superseded_checkpoints"
 
 
 class NonFiniteError(RuntimeError):
@@ -140,8 +146,12 @@ class MetricsLog:
         self.file = open(path, "a") if jax.process_index() == 0 else None
 
     def write(self, record: dict) -> None:
+        """One line; a non-finite number is written as ``null``, since bare ``NaN`` is not
+        JSON and strict readers (JavaScript, Go, serde) reject the whole file."""
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -183,12 +193,19 @@ class Trainer:
                 encode_prompt(self.dataset.tokenizer(), tc.sample_prompt)
             except ValueError as err:
                 raise ConfigError(f"train.sample_prompt={tc.sample_prompt!r}: {err}") from None
-        self.pretrained = load_pretrained(config.model.init_from) if config.model.init_from else None
+        self.out_dir = Path(tc.out_dir)
+        self.resume_step = self._resume_step()
+        self.pretrained = None
+        pretrained_config = None
+        if config.model.init_from and self.resume_step is None:
+            self.pretrained = self._load_init_from()
+            pretrained_config = self.pretrained[0]
+        elif config.model.init_from:  # resuming a fine-tune: the checkpoint holds the weights
+            pretrained_config = self._saved_model_config(self.resume_step)
         self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
-                                               self.pretrained[0] if self.pretrained else None)
+                                               pretrained_config)
         self.model = GPT(self.gpt_config)
 
-        self.out_dir = Path(tc.out_dir)
         check_writable(self.out_dir)
         self.resolved = config.to_dict()
         self.resolved["model"].update(dataclasses.asdict(self.gpt_config))
@@ -209,9 +226,8 @@ class Trainer:
             initial_scale)
         abstract = jax.eval_shape(scratch)
         self.state_sharding = self._state_sharding(abstract)
-        resume_step = self._resume_step()
-        if resume_step is not None:
-            self._restore(resume_step, abstract)
+        if self.resume_step is not None:
+            self._restore(self.resume_step, abstract)
         elif self.pretrained is None:
             self.state = jax.jit(scratch, out_shardings=self.state_sharding)()
         else:
@@ -249,6 +265,10 @@ class Trainer:
                 LossScale.create(initial_scale), self._replicated()))
         self._log_resume_changes(meta["config"])
         say(f"resumed from {self.checkpointer.directory / str(step)}")
+        set_aside = self.checkpointer.set_aside_after(step, self.out_dir / SUPERSEDED)
+        if set_aside:
+            say(f"checkpoints after step {step} (steps {', '.join(map(str, set_aside))}) moved "
+                f"to {self.out_dir / SUPERSEDED}, so this run can save those steps again")
 
     def _pretrained_params(self) -> dict:
         """The ``model.init_from`` weights, position embeddings cropped to ``block_size``."""
@@ -257,20 +277,58 @@ class Trainer:
         return params
 
     def _resume_step(self) -> int | None:
-        """The step to restore, if any. A fresh run refuses a folder that holds another
-        run's checkpoints: its saves would collide with theirs, or its retention would
-        delete them."""
+        """The step to restore, if any, decided before anything is written. Asking to
+        resume a folder without checkpoints is an error (a mistyped folder would
+        otherwise train from scratch), and a fresh run refuses a folder that holds
+        another run's checkpoints: its saves would collide with theirs, or its retention
+        would delete them."""
         tc = self.config.train
+        existing = self._existing_steps()
         if tc.resume_step is not None:
+            if tc.resume_step not in existing:
+                raise ConfigError(f"train.resume_step={tc.resume_step}: {self.out_dir} has no "
+                                  f"checkpoint for that step (it has: "
+                                  f"{', '.join(map(str, existing)) or 'none'})")
             return tc.resume_step
         if tc.resume:
-            return self.checkpointer.latest_step()
-        existing = self.checkpointer.steps()
+            if not existing:
+                raise ConfigError(f"train.resume=true, but {self.out_dir} holds no checkpoints; "
+                                  "check train.out_dir (or --resume RUN_DIR), or drop "
+                                  "train.resume to start a new run there")
+            return existing[-1]
         if existing:
             raise ConfigError(f"{self.out_dir} already holds checkpoints of a run (steps "
                               f"{', '.join(map(str, existing))}); continue it with "
                               "train.resume=true, or start over in another train.out_dir")
         return None
+
+    def _existing_steps(self) -> list[int]:
+        """Finished checkpoints in ``out_dir``, read without creating or cleaning anything."""
+        directory = self.out_dir / "checkpoints"
+        if not directory.is_dir():
+            return []
+        reader = Checkpointer(directory, read_only=True)
+        try:
+            return reader.steps()
+        finally:
+            reader.close()
+
+    def _saved_model_config(self, step: int) -> GPTConfig:
+        """The architecture a checkpoint was trained with (for resuming a fine-tune
+        without the ``model.init_from`` folder it started from)."""
+        reader = Checkpointer(self.out_dir / "checkpoints", read_only=True)
+        try:
+            model = reader.read_meta(step)["config"]["model"]
+        finally:
+            reader.close()
+        return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+
+    def _load_init_from(self) -> tuple[GPTConfig, dict]:
+        init_from = self.config.model.init_from
+        try:
+            return load_pretrained(init_from)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model.init_from={init_from!r}: {err}") from None
 
     def _log_resume_changes(self, saved: dict) -> None:
         for section, values in self.resolved.items():
@@ -379,6 +437,12 @@ class Trainer:
                         break
                 if pending is not None:
                     self._report(*pending, log, bar, summary, force=True)
+        except NonFiniteError as err:
+            # Skipped steps leave the weights as the last good step made them, so the
+            # state is worth keeping: a resume continues after the bad batches.
+            self.save()
+            raise NonFiniteError(f"{err}; saved step {int(jax.device_get(self.state.step))} "
+                                 "(its weights are the last finite update's)") from None
         finally:
             prefetch.close()
             bar.close()
@@ -408,8 +472,8 @@ class Trainer:
             if int(m["nonfinite_streak"]) >= limit:
                 raise NonFiniteError(
                     f"{limit} consecutive steps had non-finite gradients (last: step {step}); "
-                    "stopping. The last good checkpoint is untouched; lower optim.lr or check "
-                    "the data, then resume with train.resume=true")
+                    "stopping. Lower optim.lr or check the data, then resume with "
+                    "train.resume=true")
         if step % self.config.train.log_interval and not force:
             return
         rate = self._throughput.rate(float(m["tokens"]) if force else 0.0)
@@ -424,8 +488,10 @@ class Trainer:
     def sample(self) -> str:
         """A short sample from the trained model (printed at the end of a run)."""
         tc = self.config.train
-        prompt = encode_prompt(self.dataset.tokenizer(), tc.sample_prompt)
+        tokenizer = self.dataset.tokenizer()
+        prompt = encode_prompt(tokenizer, tc.sample_prompt)
         params = sharding.to_host(self.state.params)  # whole, even if split across hosts
         ids = generate(self.model, params, np.asarray([prompt]), tc.sample_tokens,
-                       temperature=0.8, top_k=200, seed=tc.seed)
-        return self.dataset.tokenizer().decode(ids[0].tolist())
+                       temperature=0.8, top_k=200, seed=tc.seed,
+                       vocab_limit=tokenizer.vocab_size)
+        return tokenizer.decode(ids[0].tolist())

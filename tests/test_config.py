@@ -1,16 +1,20 @@
 """Config loading: YAML + overrides, typos with suggestions, type and range errors."""
 
 import pytest
+import yaml
 
-from jaxgpt2.config import ConfigError, config_from_dict, load_config
+from jaxgpt2.config import ConfigError, _coerce, _override_value, load_config
 
 
-def test_yaml_and_dotted_overrides():
+def test_yaml_and_dotted_overrides(tmp_path):
     cfg = load_config("configs/shakespeare_char_cpu.yaml",
-                      ["train.max_steps=500", "model.n_layer=2", "optim.lr=3e-4"])
+                      ["train.max_steps=500", "model.n_layer=2", "optim.lr=3e-4",
+                       "train.out_dir=0123"])
     assert cfg.train.max_steps == 500 and cfg.model.n_layer == 2
     assert cfg.optim.lr == 3e-4 and cfg.model.n_embd == 128
-    assert config_from_dict(cfg.to_dict()) == cfg
+    # A YAML dump of the resolved config (what a run folder keeps) loads back unchanged.
+    (tmp_path / "dump.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(tmp_path / "dump.yaml") == cfg
 
 
 def test_typo_fails_with_a_suggestion():
@@ -41,3 +45,71 @@ def test_presets_fill_gpt2_sizes_and_explicit_keys_win():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (2, 16, 1024)
     with pytest.raises(ConfigError, match="did you mean 'gpt2-xl'"):
         load_config(None, ["model.preset=gpt2-xxl"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.sample_prompt=ROMEO:", "ROMEO:"),        # YAML: a mapping {'ROMEO': None}
+    ("train.out_dir=0123", "0123"),                  # YAML 1.1: the octal number 83
+    ("train.out_dir=1.50", "1.50"),                  # YAML: the float 1.5
+    ("train.out_dir=2024-06-01", "2024-06-01"),      # YAML: a datetime.date
+    ("train.sample_prompt=[x", "[x"),                # not valid YAML at all
+    ("train.sample_prompt= ROMEO", " ROMEO"),        # YAML strips the space
+    ("data.dataset=yes", "yes"),                     # YAML 1.1: True
+    ("train.sample_prompt=", ""),
+])
+def test_overrides_reach_str_fields_as_typed(override, expected):
+    section, rest = override.split(".", 1)
+    cfg = load_config("configs/tiny.yaml", [override])
+    assert getattr(getattr(cfg, section), rest.split("=", 1)[0]) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("null", None), ("~", None), ("", ""), ("None", "None"), ("0123", "0123"),
+    ("ROMEO:", "ROMEO:"), ("[x", "[x"),
+])
+def test_str_or_none_overrides_take_the_text_unless_yaml_null(raw, expected):
+    assert _coerce("k", _override_value(f"k={raw}", raw), str | None) == expected
+
+
+def test_numbers_for_other_fields_still_come_from_yaml():
+    assert _coerce("k", _override_value("k=null", "null"), int | None) is None
+    cfg = load_config("configs/tiny.yaml", ["train.debug_nan_steps=[3, 5]", "optim.lr=3e-4",
+                                            "train.resume_step=null", "train.progress=false"])
+    assert cfg.train.debug_nan_steps == [3, 5] and cfg.optim.lr == 3e-4
+    assert cfg.train.resume_step is None and cfg.train.progress is False
+
+
+@pytest.mark.parametrize("text, shown", [("0123", "int 83"), ("1.50", "float 1.5"),
+                                         ("2024-06-01", "date"), ("yes", "bool True")])
+def test_a_number_for_a_str_field_in_a_file_must_be_quoted(tmp_path, text, shown):
+    (tmp_path / "c.yaml").write_text(f"train:\n  out_dir: {text}\n")
+    with pytest.raises(ConfigError, match=f"train.out_dir: expected text, but YAML read the "
+                                          f"value as the {shown}.*quote it"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(f'train:\n  out_dir: "{text}"\n')
+    assert load_config(tmp_path / "c.yaml").train.out_dir == text
+
+
+def test_a_yaml_syntax_error_in_a_file_names_the_file_and_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  n_layer: 2\n n_head: 2\n")
+    with pytest.raises(ConfigError, match=r"config file '.*bad.yaml' is not valid YAML: "
+                                          r"line 3, column 2: expected <block end>"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_an_override_with_bad_yaml_for_a_non_str_field_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train.debug_nan_steps=\[x': the value is "
+                                          r"not valid YAML \(.*expected ',' or '\]'"):
+        load_config("configs/tiny.yaml", ["train.debug_nan_steps=[x"])
+
+
+def test_a_section_replaced_by_a_value_is_refused():
+    with pytest.raises(ConfigError, match=r"model must be a section \(a mapping\), got 'gpt2'.*"
+                                          r"did you mean model.preset=gpt2\?"):
+        load_config(None, ["model=gpt2"])
+    with pytest.raises(ConfigError, match=r"train must be a section \(a mapping\), got 3"):
+        load_config(None, ["train=3"])
+    with pytest.raises(ConfigError, match=r"'model' is not a section"):
+        load_config(None, ["model=gpt2", "model.n_layer=2"])
+    cfg = load_config(None, ["model={n_layer: 2, n_head: 2}", "model.n_embd=32"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (2, 2, 32)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxgpt2.data import BatchSource, DataError, open_dataset
+from jaxgpt2 import prepare as prepare_module
 from jaxgpt2.prepare import ensure_bundled, prepare
 from jaxgpt2.tokenizer import GPT2Tokenizer
 
@@ -87,3 +88,78 @@ def test_dataset_shorter_than_one_window_is_refused(tmp_path):
     prepare([tmp_path / "t.txt"], tmp_path / "p", tokenizer="char")
     with pytest.raises(DataError, match="fewer than block_size\\+1=65"):
         open_dataset(tmp_path / "p", min_tokens=65)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_prepare_cli_writes_the_folder_and_returns_0(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 3)
+    assert prepare_module.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "p"),
+                                "--tokenizer", "char"]) == 0
+    assert f"wrote {tmp_path / 'p'}: 27 train and 3 val tokens" in capsys.readouterr().out
+    assert (tmp_path / "p" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["missing_input", "bad_jsonl_line", "not_utf8",
+                                  "val_fraction_zero"])
+def test_prepare_cli_reports_bad_input_without_traceback(tmp_path, capsys, case):
+    """Each mistake exits 1 with ``error: <what and the fix>`` on stderr, no traceback."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "also"}) + "\n")
+    args = ["--val_fraction", "0.5"]
+    if case == "missing_input":
+        src, expected = tmp_path / "nope.txt", f"input '{tmp_path / 'nope.txt'}' does not exist"
+    elif case == "bad_jsonl_line":
+        src.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+        expected = (f"{src}:2: not valid JSON (Expecting property name enclosed in double "
+                    "quotes: line 1 column 2 (char 1)); each line must be a JSON object with "
+                    "a string 'text' field")
+    elif case == "not_utf8":
+        src = tmp_path / "latin1.txt"
+        src.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+        expected = f"{src} is not UTF-8 text ("
+    else:
+        args, expected = ["--val_fraction", "0"], "--val_fraction must be between 0 and 1"
+    code = prepare_module.main([str(src), "--out", str(tmp_path / "p"), *args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_val_fraction_outside_0_1_is_refused_before_writing(tmp_path, val_fraction):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 3)
+    with pytest.raises(ValueError, match="--val_fraction must be between 0 and 1 "
+                                         r"\(exclusive\), got"):
+        prepare([tmp_path / "t.txt"], tmp_path / "p", tokenizer="char",
+                val_fraction=val_fraction)
+    assert not (tmp_path / "p").exists()
+
+
+def test_whole_document_split_leaving_train_empty_is_refused(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in ("one", "two")))
+    with pytest.raises(ValueError, match="--val_fraction 0.9 of 2 documents puts all 2 in "
+                                         "the val split and none in train; lower "
+                                         "--val_fraction or give more documents"):
+        prepare([src], tmp_path / "p", tokenizer="gpt2", val_fraction=0.9)
+    assert not (tmp_path / "p").exists()
+    meta = prepare([src], tmp_path / "p", tokenizer="gpt2", val_fraction=0.5)
+    assert meta["train_docs"] == 1 and meta["val_docs"] == 1  # two documents can split
+
+
+@pytest.mark.parametrize("text, val_fraction, empty", [
+    ("ab", 0.9, "train"),  # int(2 * 0.1) = 0 characters to train
+    ("ab", 1e-17, "val"),  # 1 - 1e-17 == 1.0: every character to train
+])
+def test_single_document_split_leaving_a_side_empty_is_refused(tmp_path, text,
+                                                                val_fraction, empty):
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(ValueError, match=f"the only document has 2 character\\(s\\), and "
+                                         f"--val_fraction {val_fraction} of it leaves the "
+                                         f"{empty} split empty; give more text"):
+        prepare([tmp_path / "t.txt"], tmp_path / "p", tokenizer="char",
+                val_fraction=val_fraction)
+    assert not (tmp_path / "p").exists()

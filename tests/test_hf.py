@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxgpt2.config import GPTConfig
@@ -260,6 +260,23 @@ def test_missing_tensors_are_named(tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_truncated_safetensors_is_a_value_error_naming_the_file(tmp_path, keep):
+    """A download cut short: safetensors' own error is not a ValueError (so the tools
+    would show a traceback) and does not name the file."""
+    shutil.copytree(GOLDEN / MODELS[0], tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError) as info:
+        load_pretrained(tmp_path / "model")
+    msg = str(info.value)
+    assert msg.startswith(f"{weights} is not a readable safetensors file (Error while "
+                          "deserializing header"), msg
+    assert msg.endswith("); re-download or re-export it"), msg
+    assert isinstance(info.value.__cause__, SafetensorError)
+
+
 def test_untied_lm_head_is_refused(tmp_path):
     name = MODELS[0]
     _, _, _, hf = golden(name)
@@ -292,3 +309,11 @@ def test_gelu_pytorch_tanh_is_accepted(tmp_path):
     shutil.copy(GOLDEN / name / "model.safetensors", tmp_path / "model.safetensors")
     config, _ = load_pretrained(tmp_path)
     assert config == golden(name)[0]
+
+
+def test_a_damaged_config_json_is_a_value_error_naming_the_file(tmp_path):
+    shutil.copytree(GOLDEN / MODELS[0], tmp_path / "model")
+    config = tmp_path / "model" / "config.json"
+    config.write_text(config.read_text()[:20])
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
+        load_pretrained(tmp_path / "model")

@@ -64,18 +64,20 @@ def test_injected_nan_steps_are_skipped_and_params_stay_finite(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(trainer.state.params)))
 
 
-def test_consecutive_nonfinite_limit_stops_and_keeps_the_last_checkpoint(tmp_path):
+def test_consecutive_nonfinite_limit_stops_and_saves_the_unchanged_state(tmp_path):
     config = make_config(tmp_path, "run", "train.max_steps=20", "train.save_interval=4",
-                         "optim.max_consecutive_nonfinite=3",
+                         "optim.max_consecutive_nonfinite=3", "train.keep=5",
                          "train.debug_nan_steps=[6,7,8,9,10,11]")
     trainer = Trainer(config)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps had non-finite gradients"):
+    with pytest.raises(NonFiniteError, match="3 consecutive steps had non-finite gradients"
+                                             r".*saved step 10 \(its weights are the last"):
         trainer.run()
     ckpts = tmp_path / "run" / "checkpoints"
-    # Step 8 was saved mid-streak: its weights are the last good ones, never NaN.
-    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8]
+    # Step 8 was saved mid-streak and step 10 (the step in flight when step 9's streak
+    # was read) at the stop: skipped steps leave the last good weights, never NaN.
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8, 10]
     resumed = Trainer(make_config(tmp_path, "run", "train.max_steps=20", "train.resume=true"))
-    assert int(resumed.state.step) == 8
+    assert int(resumed.state.step) == 10
     restored = jax.device_get(resumed.state.params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(trainer.state.params))):
