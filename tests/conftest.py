@@ -1,8 +1,20 @@
 """Shared fixtures. Tests run on the CPU in float32 so results are exact and repeatable."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every Trainer jits fresh closures, so the same small programs would compile again in
+# test after test (and in the CLI tests' subprocesses, which inherit this): one
+# persistent compilation cache for the session compiles each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxgpt2_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

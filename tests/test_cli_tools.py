@@ -258,20 +258,27 @@ def test_shakespeare_config_is_nanogpts_finetune_recipe():
 
 def test_shakespeare_config_fine_tunes_from_a_hugging_face_folder(tmp_path, data_dir):
     """Two steps from the golden tiny GPT-2: the run starts from its weights (a constant
-    3e-5 Adam step moves no weight by more than ~3e-5 a step) and crops its positions."""
-    out = tmp_path / "ft"
+    3e-5 Adam step moves no weight by more than ~3e-5 a step) and crops its positions;
+    it then resumes without the folder it started from (the checkpoint holds the weights)."""
+    out, hf = tmp_path / "ft", tmp_path / "gpt2"
+    shutil.copytree(GOLDEN_HF, hf)
+    overrides = [f"model.init_from={hf}", "model.block_size=32", "train.grad_accum=2",
+                 "train.eval_interval=2", "train.eval_steps=1", "train.sample_tokens=0",
+                 "train.progress=false", f"train.out_dir={out}", f"data.cache_dir={data_dir}"]
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/shakespeare.yaml",
-         f"model.init_from={GOLDEN_HF}", "model.block_size=32", "train.max_steps=2",
-         "train.grad_accum=2", "train.eval_interval=2", "train.eval_steps=1",
-         "train.sample_tokens=0", "train.progress=false", f"train.out_dir={out}",
-         f"data.cache_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [sys.executable, "train.py", "--config", "configs/shakespeare.yaml", "train.max_steps=2",
+         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    _, pretrained = load_pretrained(GOLDEN_HF)
+    _, pretrained = load_pretrained(hf)
     pretrained["wpe"]["embedding"] = pretrained["wpe"]["embedding"][:32]
     tuned = load(out).params
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), tuned, pretrained)
     assert 0 < max(jax.tree.leaves(moved)) < 1e-4, moved
+    shutil.rmtree(hf)
+    resumed = Trainer(load_config(ROOT / "configs/shakespeare.yaml",
+                                  [*overrides, "train.max_steps=4", "train.resume=true"]))
+    assert int(resumed.state.step) == 2
+    assert_trees_equal(jax.device_get(resumed.state.params), tuned)
 
 
 def test_bench_runs_on_the_cpu_and_reports_each_variant(tmp_path):

@@ -1,20 +1,15 @@
 """Failures: killed saves, corrupt checkpoints, bad folders; clear errors, nothing lost."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from jaxgpt2.checkpoint import CheckpointError
-from jaxgpt2.config import ConfigError, GPTConfig
-from jaxgpt2.hf import save_pretrained
-from jaxgpt2.model import GPT
+from jaxgpt2.config import ConfigError
 from jaxgpt2.trainer import Trainer
 from test_resume import _train_process, _wait_for_step, losses, make_config
 
@@ -59,8 +54,13 @@ def test_corrupt_checkpoint_names_the_file_and_offers_the_previous_one(tmp_path)
         Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true"))
     after = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
     assert before == after, "a failed resume must not touch the run folder"
-    resumed = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume_step=2"))
+    resumed = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume_step=2",
+                                  "train.save_interval=2", "train.keep=5"))
     assert int(resumed.state.step) == 2
+    # The damaged step 4 is set aside (kept), so the resumed run can save step 4 again.
+    assert (tmp_path / "run" / "superseded_checkpoints" / "4" / "state").is_dir()
+    assert resumed.run()["step"] == 6
+    assert checkpoint_steps(tmp_path / "run") == [2, 4, 6]
 
 
 def test_unwritable_out_dir_is_refused_before_training(tmp_path):
@@ -119,17 +119,6 @@ def test_an_unusable_sample_prompt_is_refused_before_training(tmp_path, prompt, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_resuming_an_earlier_step_sets_later_checkpoints_aside_and_saves_again(tmp_path):
-    Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.save_interval=2",
-                        "train.keep=5")).run()
-    resumed = Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.save_interval=2",
-                                  "train.keep=5", "train.resume_step=2"))
-    assert int(resumed.state.step) == 2
-    assert resumed.run()["step"] == 4  # saving step 4 again must not collide
-    assert checkpoint_steps(tmp_path / "run") == [2, 4]
-    assert (tmp_path / "run" / "superseded_checkpoints" / "4" / "state").is_dir()
-
-
 @pytest.mark.parametrize("override", ["train.resume=true", "train.resume_step=3"])
 def test_resuming_a_folder_without_that_checkpoint_is_refused(tmp_path, override):
     with pytest.raises(ConfigError, match="holds no checkpoints|has no checkpoint for that step"):
@@ -151,29 +140,8 @@ def test_a_missing_init_from_folder_is_a_config_error(tmp_path):
         Trainer(make_config(tmp_path, "run", f"model.init_from={tmp_path / 'nowhere'}"))
 
 
-def test_a_fine_tune_resumes_without_the_folder_it_started_from(tmp_path):
-    small = GPTConfig(vocab_size=65, block_size=32, n_layer=1, n_head=2, n_embd=16)
-    save_pretrained(small, GPT(small).init_params(jax.random.PRNGKey(0)), tmp_path / "hf")
-    first = make_config(tmp_path, "run", f"model.init_from={tmp_path / 'hf'}",
-                        "train.max_steps=2", "train.save_interval=2")
-    Trainer(first).run()
-    shutil.rmtree(tmp_path / "hf")
-    resumed = Trainer(make_config(tmp_path, "run", f"model.init_from={tmp_path / 'hf'}",
-                                  "train.max_steps=4", "train.resume=true"))
-    assert int(resumed.state.step) == 2 and resumed.gpt_config.n_layer == 1
-
-
 def test_a_model_vocabulary_above_the_datas_samples_only_decodable_ids(tmp_path):
-    trainer = Trainer(make_config(tmp_path, "run", "train.max_steps=1", "model.vocab_size=128",
+    trainer = Trainer(make_config(tmp_path, "run", "model.vocab_size=128",
                                   "train.sample_tokens=200"))
-    trainer.run()
-    assert trainer.gpt_config.vocab_size == 128
+    assert trainer.gpt_config.vocab_size == 128  # untrained: all 128 ids about equally likely
     assert len(trainer.sample()) == len(trainer.config.train.sample_prompt) + 200
-
-
-def test_metrics_write_non_finite_values_as_null(tmp_path):
-    Trainer(make_config(tmp_path, "run", "train.max_steps=2", "train.debug_nan_steps=[1]")).run()
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
-               for line in lines]
-    assert [r["grad_norm"] for r in records if r.get("step") == 2 and "grad_norm" in r] == [None]

@@ -59,6 +59,11 @@ def test_injected_nan_steps_are_skipped_and_params_stay_finite(tmp_path):
     summary = trainer.run()
     # debug steps count from 0; the loop reports 1-based completed steps
     assert summary["skipped_steps"] == [4, 5, 8]
+    # Their NaN grad_norm is logged as null: bare NaN is not JSON.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+               for line in lines]
+    assert [r["step"] for r in records if "grad_norm" in r and r["grad_norm"] is None] == [4, 5, 8]
     opt = jax.device_get(trainer.state.opt_state)
     assert int(opt.total_notfinite) == 3
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(trainer.state.params)))
