@@ -15,6 +15,7 @@ the step folder and the newest earlier checkpoint, never as orbax's own exceptio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxgpt2.config import GPTConfig
 from jaxgpt2.step import TrainState
 
 
@@ -111,6 +113,17 @@ class Checkpointer:
         tree = restored["state"]
         return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                           rng=tree["rng"], loss_scale=tree.get("loss_scale")), restored["meta"]
+
+    def read_model_config(self, step: int) -> GPTConfig:
+        """The architecture ``step`` was trained with, from its ``meta``."""
+        meta = self.read_meta(step)
+        try:
+            model = meta["config"]["model"]
+            return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.directory / str(step)}: its meta holds no complete "
+                                  f"model config (missing {err}); is it a jaxgpt2 "
+                                  "checkpoint?") from err
 
     def read_params(self, step: int, abstract_params: Any) -> Any:
         """Only ``params`` of ``step``'s state, shaped like ``abstract_params`` and placed

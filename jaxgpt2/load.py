@@ -23,9 +23,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import jax
 
-from jaxgpt2.checkpoint import Checkpointer, CheckpointError
+from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import GPTConfig
 from jaxgpt2.hf import CONFIG_NAME, load_pretrained
 from jaxgpt2.model import GPT
@@ -108,15 +109,10 @@ def _load_run(path: Path) -> Loaded:
     checkpointer, step = _open_run(path)
     try:
         meta = checkpointer.read_meta(step)
-        source = checkpointer.directory / str(step)
-        try:
-            model = meta["config"]["model"]
-            config = GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
-        except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{source}: its meta holds no complete model config "
-                                  f"(missing {err}); is it a jaxgpt2 checkpoint?") from err
+        config = checkpointer.read_model_config(step)
         abstract = jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))
         params = checkpointer.read_params(step, abstract)
     finally:
         checkpointer.close()
-    return Loaded(config, params, meta.get("tokenizer"), source, meta["config"])
+    return Loaded(config, params, meta.get("tokenizer"), checkpointer.directory / str(step),
+                  meta["config"])

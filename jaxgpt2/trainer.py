@@ -318,10 +318,9 @@ class Trainer:
         without the ``model.init_from`` folder it started from)."""
         reader = Checkpointer(self.out_dir / "checkpoints", read_only=True)
         try:
-            model = reader.read_meta(step)["config"]["model"]
+            return reader.read_model_config(step)
         finally:
             reader.close()
-        return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
 
     def _load_init_from(self) -> tuple[GPTConfig, dict]:
         init_from = self.config.model.init_from
