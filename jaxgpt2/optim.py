@@ -6,8 +6,8 @@ its counters move. The learning rate therefore follows applied updates, not atte
 
 optax's own give-up (``max_consecutive_errors``) applies the non-finite update once the
 streak passes the limit, which would poison the weights; so optax is told never to give
-up and the training loop stops at ``optim.max_consecutive_nonfinite`` instead, with the
-last good checkpoint intact.
+up and the training loop stops at ``optim.max_consecutive_nonfinite`` instead, saving
+its state (whose weights are still the last finite update's).
 """
 
 from __future__ import annotations
