@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -262,9 +263,13 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def _override_value(override: str, raw: str) -> _OverrideValue:
-    """Keep ``raw`` and what YAML reads from it; an empty value is the empty string."""
+    """Keep ``raw`` and what YAML reads from it; an empty value is the empty string, and
+    a decimal with leading zeros is that decimal (YAML 1.1 would read ``0123`` as octal
+    83, so ``train.seed=0123`` would silently train another seed)."""
     if not raw.strip():
         return _OverrideValue(override, raw, "")
+    if re.fullmatch(r"[+-]?0\d+", raw.strip()):
+        return _OverrideValue(override, raw, int(raw.strip(), 10))
     try:
         return _OverrideValue(override, raw, yaml.safe_load(raw))
     except yaml.YAMLError as err:

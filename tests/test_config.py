@@ -79,6 +79,11 @@ def test_numbers_for_other_fields_still_come_from_yaml():
     assert cfg.train.resume_step is None and cfg.train.progress is False
 
 
+def test_leading_zero_integer_overrides_are_decimal_not_octal():
+    cfg = load_config("configs/tiny.yaml", ["train.seed=0123", "train.max_steps=010"])
+    assert (cfg.train.seed, cfg.train.max_steps) == (123, 10)
+
+
 @pytest.mark.parametrize("text, shown", [("0123", "int 83"), ("1.50", "float 1.5"),
                                          ("2024-06-01", "date"), ("yes", "bool True")])
 def test_a_number_for_a_str_field_in_a_file_must_be_quoted(tmp_path, text, shown):
