@@ -47,6 +47,16 @@ def _silence_read_only_notice() -> None:
         absl_logger.addFilter(_DropReadOnlyNotice())
 
 
+def model_config(meta: dict, step_folder: Path) -> GPTConfig:
+    """The architecture recorded in a checkpoint's ``meta`` (read from ``step_folder``)."""
+    try:
+        model = meta["config"]["model"]
+        return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{step_folder}: its meta holds no complete model config "
+                              f"(missing {err}); is it a jaxgpt2 checkpoint?") from err
+
+
 def _as_tree(state: TrainState) -> dict[str, Any]:
     tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
             "rng": state.rng}
@@ -116,14 +126,7 @@ class Checkpointer:
 
     def read_model_config(self, step: int) -> GPTConfig:
         """The architecture ``step`` was trained with, from its ``meta``."""
-        meta = self.read_meta(step)
-        try:
-            model = meta["config"]["model"]
-            return GPTConfig(**{f.name: model[f.name] for f in dataclasses.fields(GPTConfig)})
-        except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{self.directory / str(step)}: its meta holds no complete "
-                                  f"model config (missing {err}); is it a jaxgpt2 "
-                                  "checkpoint?") from err
+        return model_config(self.read_meta(step), self.directory / str(step))
 
     def read_params(self, step: int, abstract_params: Any) -> Any:
         """Only ``params`` of ``step``'s state, shaped like ``abstract_params`` and placed

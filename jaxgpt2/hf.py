@@ -232,30 +232,15 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, list[Path]]:
     return config_path, weights
 
 
-@contextlib.contextmanager
-def _unreadable_as_value_error(file: Path) -> Iterator[None]:
-    """Re-raise safetensors' error for a damaged ``file`` as a ``ValueError`` naming it.
-
-    ``SafetensorError`` is not a ``ValueError`` (so the tools' ``run_tool`` would show a
-    traceback) and says only "Error while deserializing header", not which file."""
+def _open_weights(file: Path) -> Any:
+    """``safe_open(file)`` for numpy. safetensors checks the header against the file size
+    on open, so a truncated or corrupt file fails here; its ``SafetensorError`` is not a
+    ``ValueError`` (the tools would show a traceback) and does not name the file."""
     try:
-        yield
+        return safe_open(file, framework="numpy")
     except SafetensorError as err:
         raise ValueError(f"{file} is not a readable safetensors file ({err}); re-download "
                          "or re-export it") from err
-
-
-def _open_weights(file: Path) -> Any:
-    """``safe_open(file)`` for numpy; a truncated or corrupt file raises ``ValueError``
-    here, since the header is parsed on open."""
-    with _unreadable_as_value_error(file):
-        return safe_open(file, framework="numpy")
-
-
-def _read_tensor(handle: Any, file: Path, key: str) -> np.ndarray:
-    """``handle.get_tensor(key)``, a damaged ``file`` reported as ``ValueError``."""
-    with _unreadable_as_value_error(file):
-        return handle.get_tensor(key)
 
 
 def _read_json(file: Path) -> dict:
@@ -327,15 +312,14 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
                    for file in weight_files}
         for name, _, _, shape in specs:  # headers only: fail before reading any data
             file, key = stored[name]
-            with _unreadable_as_value_error(file):
-                found = tuple(handles[file].get_slice(key).get_shape())
+            found = tuple(handles[file].get_slice(key).get_shape())
             if found != shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {found}, expected {shape} "
                                  f"from {config_path} (vocab_size={config.vocab_size}, "
                                  f"n_positions={config.block_size}, n_embd={config.n_embd})")
         for name, param_path, layer, shape in specs:
             file, key = stored[name]
-            value = _read_tensor(handles[file], file, key)
+            value = handles[file].get_tensor(key)
             if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
                 raise ValueError(f"{file}: tensor {key!r} has dtype {value.dtype}, "
                                  "expected a floating point type")
@@ -346,7 +330,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
                 target[layer] = value
         if lm_head is not None:
             file, key = lm_head
-            head = _read_tensor(handles[file], file, key).astype(np.float32)
+            head = handles[file].get_tensor(key).astype(np.float32)
             wte = params["wte"]["embedding"][: config.vocab_size]
             if head.shape != wte.shape or not np.array_equal(head, wte):
                 raise ValueError(f"{file}: {key!r} differs from wte.weight; jaxgpt2 ties the "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt2.checkpoint import Checkpointer
+from jaxgpt2.checkpoint import Checkpointer, model_config
 from jaxgpt2.config import GPTConfig
 from jaxgpt2.hf import CONFIG_NAME, load_pretrained
 from jaxgpt2.model import GPT
@@ -108,11 +108,11 @@ def _open_run(path: Path) -> tuple[Checkpointer, int]:
 def _load_run(path: Path) -> Loaded:
     checkpointer, step = _open_run(path)
     try:
+        source = checkpointer.directory / str(step)
         meta = checkpointer.read_meta(step)
-        config = checkpointer.read_model_config(step)
+        config = model_config(meta, source)
         abstract = jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))
         params = checkpointer.read_params(step, abstract)
     finally:
         checkpointer.close()
-    return Loaded(config, params, meta.get("tokenizer"), checkpointer.directory / str(step),
-                  meta["config"])
+    return Loaded(config, params, meta.get("tokenizer"), source, meta["config"])

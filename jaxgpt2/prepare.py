@@ -81,7 +81,7 @@ def _read_jsonl(file: Path) -> list[str]:
     return docs
 
 
-def check_val_fraction(val_fraction: float) -> None:
+def _check_val_fraction(val_fraction: float) -> None:
     """Both splits are written and training reads both, so a fraction of 0 (an empty
     ``val.bin``) or 1 (an empty ``train.bin``) only fails later, and more confusingly."""
     if not 0 < val_fraction < 1:
@@ -95,7 +95,6 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
 
     A split that would come out empty is refused here, naming the counts, rather than
     written as an empty token file that training refuses without saying why."""
-    check_val_fraction(val_fraction)
     if len(docs) == 1:
         return _split_characters(docs[0], val_fraction)
     return _split_whole(docs, val_fraction)
@@ -146,7 +145,7 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, tokenizer: str = 
     out = Path(out_dir)
     if tokenizer not in ("gpt2", "char"):
         raise ValueError(f"tokenizer must be 'gpt2' or 'char', got {tokenizer!r}")
-    check_val_fraction(val_fraction)  # before reading: a corpus can take a while
+    _check_val_fraction(val_fraction)  # before reading: a corpus can take a while
     docs = read_documents(inputs)
     splits = split_documents(docs, val_fraction)  # before anything is written
     tok: Tokenizer = GPT2Tokenizer() if tokenizer == "gpt2" else CharTokenizer.from_text("".join(docs))

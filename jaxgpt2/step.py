@@ -148,15 +148,14 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
             grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
 
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         overflow = jnp.zeros((), bool)
         if scaler is not None:
             grads_finite = all_finite(grads)
             overflow = scaler.is_overflow(loss_sum, grads_finite)
-            # Zeros keep apply_if_finite from counting an overflow; that update is dropped.
-            grads = jax.tree.map(lambda g: jnp.where(overflow, jnp.zeros_like(g), g), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if scaler is not None:
+            # An overflow keeps the old parameters and optimizer state whole, the
+            # non-finite counters included, so it never counts as a non-finite step.
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new),
                                              (params, opt_state), (state.params, state.opt_state))
             scaler = scaler.update(grads_finite, loss_scale_interval)
