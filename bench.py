@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
-from jaxgpt2.optim import learning_rate_schedule, make_optimizer
+from jaxgpt2.optim import build_optimizer
 from jaxgpt2.prepare import bundled_corpus
 from jaxgpt2.step import create_train_state, make_train_step
 from jaxgpt2.tokenizer import GPT2Tokenizer
@@ -70,9 +70,8 @@ def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int,
                   tokens: str = "text") -> dict:
     model = GPT(cfg)
     optim = OptimConfig(warmup_steps=10)
-    tx = make_optimizer(optim, 1000)
-    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(optim, 1000)),
-                   donate_argnums=0)
+    tx = build_optimizer(optim, 1000)
+    step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     scale = optim.loss_scale if cfg.dtype == "float16" else None  # float16 trains with one
     state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0,
                                                scale))()

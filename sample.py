@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from jaxgpt2.cli import add_model_arguments, run_tool
+from jaxgpt2.cli import add_model_arguments
+from jaxgpt2.errors import report_errors
 from jaxgpt2.generate import generate
 from jaxgpt2.load import load
 from jaxgpt2.tokenizer import encode_prompt
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num_samples must be >= 1")
-    return run_tool(lambda: print_samples(args))
+    return report_errors(lambda: print_samples(args))
 
 
 def print_samples(args: argparse.Namespace) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt2.checkpoint import CheckpointError
-from jaxgpt2.config import ConfigError, load_config
-from jaxgpt2.data import DataError
-from jaxgpt2.trainer import NonFiniteError, Trainer, say
+from jaxgpt2.config import load_config
+from jaxgpt2.errors import report_errors
+from jaxgpt2.metrics import say
+from jaxgpt2.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,16 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides += [f"train.out_dir={args.resume}", "train.resume=true"]
-    try:
+
+    def train() -> None:
         config = load_config(args.config, overrides)
         trainer = Trainer(config)
         summary = trainer.run()
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if "stopped_by" not in summary and config.train.sample_tokens:
-        say("sample:\n" + trainer.sample())
-    return 0
+        if "stopped_by" not in summary and config.train.sample_tokens:
+            say("sample:\n" + trainer.sample())
+
+    return report_errors(train)
 
 
 if __name__ == "__main__":

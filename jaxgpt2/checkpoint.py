@@ -6,7 +6,7 @@ every process, sharded) and ``meta`` (JSON: the resolved config, tokenizer ident
 the data position). Saves are asynchronous (training continues while files are written)
 and atomic (orbax writes to a temporary folder and renames it when complete, so a crash
 mid-save leaves no checkpoint that looks finished). Retention keeps the latest ``keep``
-plus the best by ``val_loss``.
+plus the best by one evaluation metric (``train.best_metric``, lower or higher better).
 
 The trainer and the inference tools (``jaxgpt2.load``) read through the same class, so a
 damaged checkpoint is reported the same way everywhere: as a ``CheckpointError`` naming
@@ -25,12 +25,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxgpt2.config import GPTConfig
+from jaxgpt2.config import Direction, GPTConfig
+from jaxgpt2.errors import CheckpointError
 from jaxgpt2.step import TrainState
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored, phrased with what to do instead."""
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -72,11 +69,14 @@ class Checkpointer:
     retention or temporary-folder cleanup touches a run that may still be writing.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False) -> None:
+    def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False,
+                 best_metric: str = "val_loss", best_direction: Direction = "min") -> None:
         self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        sign = -1.0 if best_direction == "min" else 1.0  # BestN keeps the largest
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1,
+            policies.BestN(get_metric_fn=lambda m: sign * m[best_metric], n=1,
                            keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
@@ -88,10 +88,12 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
-    def save(self, state: TrainState, meta: dict, val_loss: float | None = None) -> None:
-        """Start writing a checkpoint for ``state.step`` (returns before the write ends)."""
+    def save(self, state: TrainState, meta: dict, metrics: dict[str, float] | None = None) -> None:
+        """Start writing a checkpoint for ``state.step`` (returns before the write ends);
+        ``metrics`` (this step's evaluation) rank it for retention by ``best_metric``."""
         step = int(jax.device_get(state.step))
-        metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+        best = (metrics or {}).get(self.best_metric)
+        metrics = {self.best_metric: float(best)} if best is not None else None
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)

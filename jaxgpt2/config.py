@@ -14,22 +14,32 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from jaxgpt2.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
+# The allowed values of each choice field, declared once: the loader checks them
+# (``_coerce``), errors list them, and the modules that act on them read them from here.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Attention = Literal["auto", "cudnn", "xla"]
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                      "save_attention_out"]
+DataMode = Literal["windows", "padded"]
+OptimizerName = Literal["adamw"]
+ScheduleName = Literal["cosine", "constant"]
+DeviceKind = Literal["auto", "cpu", "gpu", "tpu"]
+Direction = Literal["min", "max"]
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """GPT-2 architecture and how to compute it.
 
-    ``dtype`` is the compute dtype (``auto``: bfloat16 on GPU/TPU, float32 on CPU);
-    parameters are always stored in float32.
-    ``remat`` picks a ``jax.checkpoint`` policy per block (see ``model.REMAT_POLICIES``).
+    ``dtype`` is the compute dtype (``auto``: bfloat16 on GPU/TPU, float32 on CPU, decided
+    by ``resolve_auto``); parameters are always stored in float32.
+    ``remat`` picks a ``jax.checkpoint`` policy per block (``jaxgpt2.remat``).
     ``scan_layers`` runs the blocks under ``lax.scan`` (flat compile time) instead of a
     Python loop (faster on GPU); the parameter layout is the same either way.
     Frozen, so a model (and its jitted functions) can be keyed on it.
@@ -42,10 +52,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    dtype: str = "auto"
-    remat: str = "none"
+    dtype: Dtype = "auto"
+    remat: RematPolicy = "none"
     scan_layers: bool = True
-    attention: str = "auto"
+    attention: Attention = "auto"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -62,10 +72,21 @@ class GPTConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice("model.attention", self.attention, ("auto", "cudnn", "xla"))
-        from jaxgpt2.remat import REMAT_POLICIES  # local: keeps config importable alone
-        _check_choice("model.remat", self.remat, tuple(REMAT_POLICIES))
+        check_choices(self, "model")
+
+
+def resolve_auto(config: GPTConfig, platform: str) -> GPTConfig:
+    """``config`` with ``auto`` decided for ``platform`` (``jax.default_backend()``):
+    bfloat16 compute on GPU/TPU and float32 on CPU; cuDNN flash attention on GPU for
+    16-bit compute (it has no float32 kernel), XLA's otherwise."""
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if platform in ("gpu", "tpu") else "float32"
+    attention = config.attention
+    if attention == "auto":
+        sixteen_bit = dtype in ("bfloat16", "float16")
+        attention = "cudnn" if platform == "gpu" and sixteen_bit else "xla"
+    return dataclasses.replace(config, dtype=dtype, attention=attention)
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -106,19 +127,20 @@ class DataConfig:
 
     dataset: str = "shakespeare_char"
     cache_dir: str = "data"
-    mode: str = "windows"
+    mode: DataMode = "windows"
     batch_size: int = 32
     prefetch: int = 2
 
     def validate(self) -> None:
-        _check_choice("data.mode", self.mode, ("windows", "padded"))
+        check_choices(self, "data")
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW under warmup + cosine decay, clipped and guarded against non-finite steps.
+    """The optimizer (``name``, from ``optim.OPTIMIZERS``) under a learning-rate schedule
+    (``schedule``, from ``optim.SCHEDULES``), clipped and guarded against non-finite steps.
 
     ``decay_steps: null`` decays over ``train.max_steps``. ``schedule: constant`` holds
     ``lr`` after warmup (fine-tuning recipes). ``loss_scale`` (the initial scale) and
@@ -129,7 +151,8 @@ class OptimConfig:
     min_lr: float = 6e-5
     warmup_steps: int = 2000
     decay_steps: int | None = None
-    schedule: str = "cosine"
+    name: OptimizerName = "adamw"
+    schedule: ScheduleName = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -155,12 +178,15 @@ class OptimConfig:
         if self.loss_scale < 1 or self.loss_scale_interval < 1:
             raise ConfigError("optim.loss_scale and optim.loss_scale_interval must be >= 1, "
                               f"got {self.loss_scale} and {self.loss_scale_interval}")
-        _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        check_choices(self, "optim")
 
 
 @dataclass
 class TrainConfig:
     """The loop: length, cadence of logs/evals/checkpoints, outputs and devices.
+
+    ``best_metric`` is the evaluation metric by which one checkpoint is kept beside the
+    latest ``keep`` (``best_direction``: ``min`` when lower is better, ``max`` otherwise).
 
     ``debug_nan_steps`` is for tests only: those steps get NaN gradients, so the
     non-finite guard can be exercised end to end.
@@ -177,10 +203,12 @@ class TrainConfig:
     resume: bool = False
     resume_step: int | None = None
     seed: int = 1337
-    device: str = "auto"
+    device: DeviceKind = "auto"
     sample_tokens: int = 200
     sample_prompt: str = "\n"
     progress: bool = True
+    best_metric: str = "val_loss"
+    best_direction: Direction = "min"
     debug_nan_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -190,7 +218,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.eval_steps < 0 or self.sample_tokens < 0:
             raise ConfigError("train.eval_steps and train.sample_tokens must be >= 0")
-        _check_choice("train.device", self.device, ("auto", "cpu", "gpu", "tpu"))
+        check_choices(self, "train")
 
 
 @dataclass
@@ -220,10 +248,21 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choices(section: Any, prefix: str) -> None:
+    """Every ``Literal`` field of a config dataclass holds one of its declared values
+    (the loader already checks; this catches configs built in Python)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _check_choice(f"{prefix}.{f.name}", getattr(section, f.name), hints[f.name])
+
+
+def _check_choice(key: str, value: Any, annotation: Any) -> Any:
+    choices = typing.get_args(annotation)
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}"
-                          + _suggest(str(value), choices))
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
+                          + _suggest(str(value), [str(c) for c in choices]))
+    return value
 
 
 def _suggest(name: str, options) -> str:
@@ -287,6 +326,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value.text
         value = value.parsed()
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return _check_choice(key, value, annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -333,12 +374,17 @@ def _takes_text(value: _OverrideValue, annotation: Any) -> bool:
     YAML null (``null``, ``~``) when None is allowed; an empty value stays the empty
     string, as for a plain str field.
     """
-    if annotation is str:
+    if annotation is str or _is_text_choice(annotation):
         return True
     options = typing.get_args(annotation)
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType) or str not in options:
         return False
     return not (type(None) in options and not value.error and value.value is None)
+
+
+def _is_text_choice(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is Literal and all(
+        isinstance(c, str) for c in typing.get_args(annotation))
 
 
 def _section(key: str, value: Any) -> dict[str, Any]:

@@ -20,14 +20,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from jaxgpt2.errors import DataError
 from jaxgpt2.prepare import BUNDLED, ensure_bundled
 from jaxgpt2.tokenizer import Tokenizer, tokenizer_from_meta
 
 Batch = dict[str, np.ndarray]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on, phrased with the fix."""
 
 
 @dataclass

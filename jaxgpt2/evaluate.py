@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxgpt2.cli import add_model_arguments, run_tool
-from jaxgpt2.data import (STREAMS, BatchSource, DataError, Split, mean_loss, open_split,
+from jaxgpt2.cli import add_model_arguments
+from jaxgpt2.errors import DataError, InputError, report_errors
+from jaxgpt2.data import (STREAMS, BatchSource, Split, mean_loss, open_split,
                           read_meta, resolve_dataset_dir)
 from jaxgpt2.load import Loaded, load
 from jaxgpt2.model import GPT
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("windows", "padded"),
                         help="default: the run's data.mode, else windows")
     args = parser.parse_args(argv)
-    return run_tool(lambda: print_evaluation(args))
+    return report_errors(lambda: print_evaluation(args))
 
 
 def print_evaluation(args: argparse.Namespace) -> None:
@@ -82,14 +83,14 @@ def print_evaluation(args: argparse.Namespace) -> None:
     train, data = run.get("train", {}), run.get("data", {})
     for name in ("batches", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     batches = args.batches or train.get("eval_steps") or 20
     batch_size = args.batch_size or data.get("batch_size", 8)
     seed = args.seed if args.seed is not None else train.get("seed", 1337)
     mode = args.mode or data.get("mode", "windows")
     block = args.block_size or loaded.config.block_size
     if not 0 < block <= loaded.config.block_size:
-        raise ValueError(f"--block_size must be in [1, {loaded.config.block_size}] "
+        raise InputError(f"--block_size must be in [1, {loaded.config.block_size}] "
                          f"(the model's block_size), got {block}")
     path = resolve_dataset_dir(args.data, args.cache_dir)
     meta = read_meta(path)

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxgpt2.cli import run_tool
+from jaxgpt2.errors import report_errors
 from jaxgpt2.hf import save_pretrained
 from jaxgpt2.load import TOKENIZER_NAME, load
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = export(args.checkpoint, args.out_dir)
         print(f"wrote {folder} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
-    return run_tool(export_and_report)
+    return report_errors(export_and_report)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt2.errors import InputError
 from jaxgpt2.model import GPT, KVCache, compute_dtype
 
 Picker = Callable[[jax.Array, int | jax.Array], jax.Array]
@@ -72,7 +73,7 @@ def generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
     tokens = _check_prompt(prompt_ids, model.config.vocab_size)
     top_k, top_p = _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if vocab_limit is not None and not 0 < vocab_limit <= model.config.vocab_size:
-        raise ValueError(f"vocab_limit must be in [1, {model.config.vocab_size}] (the model's "
+        raise InputError(f"vocab_limit must be in [1, {model.config.vocab_size}] (the model's "
                          f"vocabulary), got {vocab_limit}")
     if vocab_limit == model.config.vocab_size:
         vocab_limit = None  # one compiled program for "no limit"
@@ -90,12 +91,12 @@ def _check_prompt(prompt_ids: np.ndarray, vocab: int) -> np.ndarray:
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[1] == 0:
-        raise ValueError(f"the prompt must be (batch, length) with at least one token; "
+        raise InputError(f"the prompt must be (batch, length) with at least one token; "
                          f"got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"prompt token ids must be integers, got {tokens.dtype}")
+        raise InputError(f"prompt token ids must be integers, got {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= vocab:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}); got {tokens.min()}..{tokens.max()}")
+        raise InputError(f"prompt token ids must be in [0, {vocab}); got {tokens.min()}..{tokens.max()}")
     return tokens.astype(np.int32)
 
 
@@ -103,13 +104,13 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
                     top_p: float | None) -> tuple[int | None, float | None]:
     """Validate, and normalise the 'off' values so they share one compiled program."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 1 (or 0/None for no limit), got {top_k}")
+        raise InputError(f"top_k must be >= 1 (or 0/None for no limit), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
     return (top_k or None), (None if top_p is None or top_p >= 1.0 else float(top_p))
 
 

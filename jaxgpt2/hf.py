@@ -16,9 +16,10 @@ so nothing is transposed. The only reshaping is structural:
   ``vocab_size`` columns;
 * LayerNorm ``weight`` is Flax's ``scale``; ``weight`` of a linear layer is ``kernel``.
 
-The expected shapes come from the model itself (``jax.eval_shape`` of its initialiser),
-so if ``model.py``'s layout ever drifts from HF's, loading fails loudly rather than
-producing a silently wrong model.
+This module knows the layout (names and shapes, ``param_shapes``) of a ``GPTConfig``
+and nothing of Flax; ``jaxgpt2.model`` builds on it (``GPT.from_pretrained``), and a test
+holds ``param_shapes`` against the model's own initialiser, so a drift in ``model.py``
+fails loudly rather than producing a silently wrong model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxgpt2.config import GPTConfig
+from jaxgpt2.errors import NotFoundError, WeightsError
 from jaxgpt2.tokenizer import GPT2_EOT_ID
 
 __all__ = ["load_pretrained", "save_pretrained", "hf_config_to_gpt", "gpt_to_hf_config"]
@@ -89,16 +91,16 @@ def hf_config_to_gpt(hf: Mapping[str, Any], source: str = CONFIG_NAME) -> GPTCon
     is refused here, naming the key. Dropout is set to 0 (inference); fine-tuning code
     can ``dataclasses.replace`` it.
     """
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"{source}: {key}={hf.get(key)!r} {why}; jaxgpt2 computes GPT-2 "
-                          "exactly as OpenAI defined it and cannot load this model faithfully")
+    def bad(key: str, why: str) -> WeightsError:
+        return WeightsError(f"{source}: {key}={hf.get(key)!r} {why}; jaxgpt2 computes GPT-2 "
+                            "exactly as OpenAI defined it and cannot load this model faithfully")
 
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise bad("model_type", "is not 'gpt2'")
     for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
         if not isinstance(hf.get(key), int) or hf[key] <= 0:
-            raise ValueError(f"{source}: {key} must be a positive integer, got {hf.get(key)!r}")
+            raise WeightsError(f"{source}: {key} must be a positive integer, got {hf.get(key)!r}")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if not math.isclose(float(eps), 1e-5, rel_tol=1e-6):
         raise bad("layer_norm_epsilon", "is not 1e-5 (model.py's LayerNorm epsilon)")
@@ -117,8 +119,8 @@ def hf_config_to_gpt(hf: Mapping[str, Any], source: str = CONFIG_NAME) -> GPTCon
     if not hf.get("tie_word_embeddings", True):
         raise bad("tie_word_embeddings", "is false (model.py ties lm_head to wte)")
     if hf["n_embd"] % hf["n_head"]:
-        raise ValueError(f"{source}: n_embd={hf['n_embd']} is not divisible by "
-                         f"n_head={hf['n_head']}")
+        raise WeightsError(f"{source}: n_embd={hf['n_embd']} is not divisible by "
+                           f"n_head={hf['n_head']}")
     # reorder_and_upcast_attn only changes where float32 is used; parameters are float32
     # here, so it does not change the function.
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
@@ -172,10 +174,24 @@ def gpt_to_hf_config(config: GPTConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- layout
 
 
-def _expected_tree(config: GPTConfig) -> dict:
-    """Shapes of ``GPT(config)``'s parameters, traced abstractly (no memory, no FLOPs)."""
-    from jaxgpt2.model import GPT  # local: model imports flax, keep config-only use light
-    return jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))
+def param_shapes(config: GPTConfig) -> dict:
+    """The shape of every parameter of a GPT-2 with ``config`` (biases on), keyed as
+    ``jaxgpt2.model``'s params are: blocks stacked on a leading layer axis, ``wte``
+    padded to ``padded_vocab_size`` rows. ``tests/test_hf.py`` holds this against the
+    model's own parameter tree, so the two layouts cannot drift apart."""
+    L, C = config.n_layer, config.n_embd
+    dense = lambda n_in, n_out: {"kernel": (L, n_in, n_out), "bias": (L, n_out)}
+    norm = lambda *layers: {"scale": (*layers, C), "bias": (*layers, C)}
+    return {"wte": {"embedding": (config.padded_vocab_size, C)},
+            "wpe": {"embedding": (config.block_size, C)},
+            "h": {"ln_1": norm(L), "attn": {"c_attn": dense(C, 3 * C), "c_proj": dense(C, C)},
+                  "ln_2": norm(L), "mlp": {"c_fc": dense(C, 4 * C), "c_proj": dense(4 * C, C)}},
+            "ln_f": norm()}
+
+
+def _zeros(shapes: Mapping) -> dict:
+    return {k: _zeros(v) if isinstance(v, Mapping) else np.zeros(v, np.float32)
+            for k, v in shapes.items()}
 
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
@@ -184,23 +200,24 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _tensor_specs(config: GPTConfig, expected: Mapping
+def _tensor_specs(config: GPTConfig
                   ) -> Iterator[tuple[str, tuple[str, ...], int | None, tuple[int, ...]]]:
     """(HF name without prefix, param path, layer index or None, HF shape), in HF order.
 
-    HF shapes are the model's shapes (``expected``) without the layer axis, with ``wte``
-    unpadded to ``vocab_size`` rows.
+    HF shapes are ``param_shapes`` without the layer axis, with ``wte`` unpadded to
+    ``vocab_size`` rows.
     """
+    expected = param_shapes(config)
     for name, path in _EMBEDDINGS:
-        shape = tuple(_get(expected, path).shape)
+        shape = _get(expected, path)
         if name == "wte.weight":
             shape = (config.vocab_size,) + shape[1:]
         yield name, path, None, shape
     for i in range(config.n_layer):
         for name, path in _BLOCK_TENSORS:
-            yield f"h.{i}.{name}", ("h",) + path, i, tuple(_get(expected, ("h",) + path).shape[1:])
+            yield f"h.{i}.{name}", ("h",) + path, i, _get(expected, ("h",) + path)[1:]
     for name, path in _FINAL:
-        yield name, path, None, tuple(_get(expected, path).shape)
+        yield name, path, None, _get(expected, path)
 
 
 # ----------------------------------------------------------------------------- load
@@ -219,42 +236,42 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, list[Path]]:
             hint = (" (only a pickled pytorch_model.bin is there; convert it to safetensors "
                     "with transformers, jaxgpt2 never unpickles)"
                     if (folder / "pytorch_model.bin").exists() else "")
-            raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
+            raise NotFoundError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
     elif path.is_file():
         folder = path.parent
         weights = (_index_shards(path) if path.name.endswith(".index.json") else [path])
     else:
-        raise FileNotFoundError(f"{path}: no such checkpoint folder or file")
+        raise NotFoundError(f"{path}: no such checkpoint folder or file")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face GPT-2 checkpoint needs "
-                                f"its {CONFIG_NAME} beside the weights")
+        raise NotFoundError(f"{config_path}: missing; a Hugging Face GPT-2 checkpoint needs "
+                            f"its {CONFIG_NAME} beside the weights")
     return config_path, weights
 
 
 def _open_weights(file: Path) -> Any:
     """``safe_open(file)`` for numpy. safetensors checks the header against the file size
     on open, so a truncated or corrupt file fails here; its ``SafetensorError`` is not a
-    ``ValueError`` (the tools would show a traceback) and does not name the file."""
+    ``UserError`` (the tools would show a traceback) and does not name the file."""
     try:
         return safe_open(file, framework="numpy")
     except SafetensorError as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); re-download "
-                         "or re-export it") from err
+        raise WeightsError(f"{file} is not a readable safetensors file ({err}); re-download "
+                           "or re-export it") from err
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON file of the folder; a damaged one is a ``ValueError`` naming it (json's own
+def read_json(file: Path) -> dict:
+    """A JSON file of the folder; a damaged one is a ``WeightsError`` naming it (json's own
     error gives a line and column but not the file)."""
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); re-download or re-export "
-                         "the folder") from err
+        raise WeightsError(f"{file} is not valid JSON ({err}); re-download or re-export "
+                           "the folder") from err
 
 
 def _index_shards(index: Path) -> list[Path]:
-    weight_map = _read_json(index).get("weight_map", {})
+    weight_map = read_json(index).get("weight_map", {})
     return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
@@ -270,12 +287,12 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     Tensors are read one at a time into preallocated stacked arrays, so peak host memory
     is about one copy of the model (``load_file`` followed by stacking would need two).
     Names may carry the ``transformer.`` prefix (what ``GPT2LMHeadModel.save_pretrained``
-    writes) or not (OpenAI's original conversion on the Hub). Raises ``ValueError`` naming
+    writes) or not (OpenAI's original conversion on the Hub). Raises ``WeightsError`` naming
     the missing tensors, the first tensor whose shape disagrees with ``config.json``,
     unexpected tensors, or an ``lm_head.weight`` that is not tied to ``wte``.
     """
     config_path, weight_files = _resolve(path)
-    config = hf_config_to_gpt(_read_json(config_path), str(config_path))
+    config = hf_config_to_gpt(read_json(config_path), str(config_path))
 
     # HF name without prefix -> (file, name as stored)
     stored: dict[str, tuple[Path, str]] = {}
@@ -291,8 +308,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
                 else:
                     stored[bare] = (file, key)
 
-    expected = _expected_tree(config)
-    specs = list(_tensor_specs(config, expected))
+    specs = list(_tensor_specs(config))
     known = {name for name, *_ in specs}
     missing = [name for name, *_ in specs if name not in stored]
     unexpected = sorted(name for name in stored if name not in known)
@@ -300,13 +316,13 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more"
                                            if len(missing) > 20 else "")
-        raise ValueError(f"{where}: missing {len(missing)} tensor(s) that {config_path} "
-                         f"(n_layer={config.n_layer}) requires: {shown}")
+        raise WeightsError(f"{where}: missing {len(missing)} tensor(s) that {config_path} "
+                           f"(n_layer={config.n_layer}) requires: {shown}")
     if unexpected:
-        raise ValueError(f"{where}: unexpected tensor(s) not part of a GPT-2 LM: "
-                         f"{', '.join(unexpected[:20])}")
+        raise WeightsError(f"{where}: unexpected tensor(s) not part of a GPT-2 LM: "
+                           f"{', '.join(unexpected[:20])}")
 
-    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
+    params = _zeros(param_shapes(config))
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(_open_weights(file))
                    for file in weight_files}
@@ -314,15 +330,15 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
             file, key = stored[name]
             found = tuple(handles[file].get_slice(key).get_shape())
             if found != shape:
-                raise ValueError(f"{file}: tensor {key!r} has shape {found}, expected {shape} "
-                                 f"from {config_path} (vocab_size={config.vocab_size}, "
-                                 f"n_positions={config.block_size}, n_embd={config.n_embd})")
+                raise WeightsError(f"{file}: tensor {key!r} has shape {found}, expected {shape} "
+                                   f"from {config_path} (vocab_size={config.vocab_size}, "
+                                   f"n_positions={config.block_size}, n_embd={config.n_embd})")
         for name, param_path, layer, shape in specs:
             file, key = stored[name]
             value = handles[file].get_tensor(key)
             if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
-                raise ValueError(f"{file}: tensor {key!r} has dtype {value.dtype}, "
-                                 "expected a floating point type")
+                raise WeightsError(f"{file}: tensor {key!r} has dtype {value.dtype}, "
+                                   "expected a floating point type")
             target = _get(params, param_path)
             if layer is None:
                 target[: shape[0]] = value  # wte: rows past vocab_size stay zero
@@ -333,9 +349,9 @@ def load_pretrained(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
             head = handles[file].get_tensor(key).astype(np.float32)
             wte = params["wte"]["embedding"][: config.vocab_size]
             if head.shape != wte.shape or not np.array_equal(head, wte):
-                raise ValueError(f"{file}: {key!r} differs from wte.weight; jaxgpt2 ties the "
-                                 "output head to the token embedding and cannot load an "
-                                 "untied head")
+                raise WeightsError(f"{file}: {key!r} differs from wte.weight; jaxgpt2 ties the "
+                                   "output head to the token embedding and cannot load an "
+                                   "untied head")
     return config, params
 
 
@@ -356,24 +372,24 @@ def save_pretrained(config: GPTConfig, params: Mapping, path: str | os.PathLike)
     leaves a truncated ``model.safetensors`` that looks valid.
     """
     if not config.bias:
-        raise ValueError("save_pretrained: this model has bias=False, but Hugging Face GPT-2 "
-                         "has biases in every Linear and LayerNorm and cannot represent it; "
-                         "train with model.bias=true to export to transformers")
+        raise WeightsError("save_pretrained: this model has bias=False, but Hugging Face GPT-2 "
+                           "has biases in every Linear and LayerNorm and cannot represent it; "
+                           "train with model.bias=true to export to transformers")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(params)
 
     tensors: dict[str, np.ndarray] = {}
-    for name, param_path, layer, shape in _tensor_specs(config, _expected_tree(config)):
+    for name, param_path, layer, shape in _tensor_specs(config):
         try:
             value = np.asarray(_get(params, param_path))
         except (KeyError, TypeError):
-            raise ValueError(f"save_pretrained: params has no {'.'.join(param_path)} "
-                             f"(needed for {_PREFIX}{name})") from None
+            raise WeightsError(f"save_pretrained: params has no {'.'.join(param_path)} "
+                               f"(needed for {_PREFIX}{name})") from None
         value = value[: shape[0]] if layer is None else value[layer]
         if tuple(value.shape) != shape:
-            raise ValueError(f"save_pretrained: {'.'.join(param_path)} gives {_PREFIX}{name} "
-                             f"shape {tuple(value.shape)}, expected {shape} for this config")
+            raise WeightsError(f"save_pretrained: {'.'.join(param_path)} gives {_PREFIX}{name} "
+                               f"shape {tuple(value.shape)}, expected {shape} for this config")
         tensors[_PREFIX + name] = np.ascontiguousarray(value, dtype=np.float32)
 
     weights = folder / WEIGHTS_NAME

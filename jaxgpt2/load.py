@@ -20,15 +20,15 @@ Hugging Face folder's tokenizer is GPT-2's BPE, unless ``export`` left a
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
 from jaxgpt2.checkpoint import Checkpointer, model_config
-from jaxgpt2.config import GPTConfig
-from jaxgpt2.hf import CONFIG_NAME, load_pretrained
+from jaxgpt2.config import GPTConfig, resolve_auto
+from jaxgpt2.errors import InputError, NotFoundError
+from jaxgpt2.hf import CONFIG_NAME, load_pretrained, read_json
 from jaxgpt2.model import GPT
 from jaxgpt2.tokenizer import GPT2_EOT_ID, GPT2Tokenizer, Tokenizer, tokenizer_from_meta
 
@@ -54,7 +54,7 @@ class Loaded:
 
     def tokenizer(self) -> Tokenizer:
         if self.tokenizer_meta is None:
-            raise ValueError(f"{self.source}: no tokenizer is known for this vocabulary of "
+            raise InputError(f"{self.source}: no tokenizer is known for this vocabulary of "
                              f"{self.config.vocab_size} (a Hugging Face folder without "
                              f"{TOKENIZER_NAME} and not GPT-2's 50257 tokens)")
         return tokenizer_from_meta(self.tokenizer_meta)
@@ -72,8 +72,9 @@ def load(path: str | Path, dtype: str = "auto") -> Loaded:
         loaded = _load_hf(path)
     else:
         loaded = _load_run(path)
-    loaded.config = dataclasses.replace(loaded.config, dtype=dtype, attention="auto",
-                                        remat="none")
+    loaded.config = resolve_auto(dataclasses.replace(loaded.config, dtype=dtype,
+                                                     attention="auto", remat="none"),
+                                 jax.default_backend())
     loaded.config.validate()
     return loaded
 
@@ -82,7 +83,7 @@ def _load_hf(folder: Path) -> Loaded:
     config, params = load_pretrained(folder)
     sidecar = folder / TOKENIZER_NAME
     if sidecar.is_file():
-        tokenizer_meta = json.loads(sidecar.read_text())
+        tokenizer_meta = read_json(sidecar)
     else:
         tokenizer_meta = GPT2_TOKENIZER_META if config.vocab_size == GPT2Tokenizer.vocab_size else None
     return Loaded(config, params, tokenizer_meta, folder)
@@ -100,9 +101,9 @@ def _open_run(path: Path) -> tuple[Checkpointer, int]:
         if step is not None:
             return checkpointer, step
         checkpointer.close()
-    raise FileNotFoundError(
-        f"{path}: not a run folder with checkpoints, a checkpoint step folder, or a "
-        f"Hugging Face folder with {CONFIG_NAME}")
+    raise NotFoundError(
+                        f"{path}: not a run folder with checkpoints, a checkpoint step folder, or a "
+                        f"Hugging Face folder with {CONFIG_NAME}")
 
 
 def _load_run(path: Path) -> Loaded:

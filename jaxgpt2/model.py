@@ -29,25 +29,21 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxgpt2.config import PRESETS, GPTConfig
+from jaxgpt2 import hf
+from jaxgpt2.config import PRESETS, GPTConfig, resolve_auto
 from jaxgpt2.remat import remat_block
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "compute_dtype"]
 
 
 def compute_dtype(config: GPTConfig) -> jnp.dtype:
-    """The dtype activations are computed in; ``auto`` is bfloat16 on accelerators."""
-    if config.dtype == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-    return jnp.dtype(config.dtype)
+    """The dtype activations are computed in (``auto`` decided by ``config.resolve_auto``)."""
+    return jnp.dtype(resolve_auto(config, jax.default_backend()).dtype)
 
 
 def attention_implementation(config: GPTConfig) -> str:
-    """cuDNN flash attention on GPU for 16-bit inputs (it supports no float32), XLA otherwise."""
-    if config.attention != "auto":
-        return config.attention
-    gpu = jax.default_backend() == "gpu"
-    return "cudnn" if gpu and compute_dtype(config) in (jnp.bfloat16, jnp.float16) else "xla"
+    """``cudnn`` or ``xla`` (``auto`` decided by ``config.resolve_auto``)."""
+    return resolve_auto(config, jax.default_backend()).attention
 
 
 def _init(std: float) -> nn.initializers.Initializer:
@@ -137,8 +133,7 @@ class QKVProjection(nn.Module):
     """GPT-2's ``c_attn`` (one (C, 3C) kernel and bias, Hugging Face's layout) applied as
     three products, one each for queries, keys and values. One wide product would need
     its output sliced into three copies and, in the backward pass, their gradients
-    concatenated back: on an H100 those copies took about 3.6 ms of a 70 ms GPT-2 124M
-    step."""
+    concatenated back (``docs/performance.md``, "Why the code is shaped this way")."""
 
     config: GPTConfig
 
@@ -370,15 +365,13 @@ class GPT(nn.Module):
     @staticmethod
     def from_pretrained(path: str | Path) -> tuple["GPT", dict]:
         """``(model, params)`` from a Hugging Face GPT-2 folder (``jaxgpt2.hf.load_pretrained``)."""
-        from jaxgpt2.hf import load_pretrained  # local: hf builds on this module, not vice versa
-        config, params = load_pretrained(path)
+        config, params = hf.load_pretrained(path)
         return GPT(config), params
 
-    @nn.nowrap  # not a Flax method: it builds its own GPT to check the layout against
+    @nn.nowrap  # not a Flax method: a plain write of the given params
     def save_pretrained(self, params: dict, path: str | Path) -> Path:
         """Write ``params`` as a Hugging Face GPT-2 folder (``jaxgpt2.hf.save_pretrained``)."""
-        from jaxgpt2.hf import save_pretrained
-        return save_pretrained(self.config, params, path)
+        return hf.save_pretrained(self.config, params, path)
 
 
 def count_params(params: dict, exclude_positions: bool = True) -> int:

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from jaxgpt2.errors import InputError, NotFoundError, report_errors
 from jaxgpt2.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 BUNDLED = {"shakespeare_char": "char", "shakespeare": "gpt2"}
@@ -34,7 +35,7 @@ def read_documents(inputs: Iterable[str | Path]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if not path.exists():
-            raise FileNotFoundError(f"input {str(path)!r} does not exist")
+            raise NotFoundError(f"input {str(path)!r} does not exist")
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if file.suffix in JSONL_SUFFIXES:
@@ -43,7 +44,7 @@ def read_documents(inputs: Iterable[str | Path]) -> list[str]:
                 docs.append(_read_text(file))
     docs = [d for d in docs if d]
     if not docs:
-        raise ValueError(f"no text found in {[str(i) for i in inputs]}; expected .txt or "
+        raise InputError(f"no text found in {[str(i) for i in inputs]}; expected .txt or "
                          ".jsonl files (JSONL lines need a 'text' field)")
     return docs
 
@@ -54,7 +55,7 @@ def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{file} is not UTF-8 text ({err}); inputs must be UTF-8: convert "
+        raise InputError(f"{file} is not UTF-8 text ({err}); inputs must be UTF-8: convert "
                          "it (e.g. `iconv -t utf-8`) or leave it out") from err
 
 
@@ -64,7 +65,7 @@ def _parse_jsonl_line(file: Path, lineno: int, line: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file}:{lineno}: not valid JSON ({err}); each line must be a JSON "
+        raise InputError(f"{file}:{lineno}: not valid JSON ({err}); each line must be a JSON "
                          "object with a string 'text' field") from err
 
 
@@ -75,7 +76,7 @@ def _read_jsonl(file: Path) -> list[str]:
             continue
         record = _parse_jsonl_line(file, lineno, line)
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{file}:{lineno}: each JSONL line must be an object with a "
+            raise InputError(f"{file}:{lineno}: each JSONL line must be an object with a "
                              "string 'text' field")
         docs.append(record["text"])
     return docs
@@ -85,7 +86,7 @@ def _check_val_fraction(val_fraction: float) -> None:
     """Both splits are written and training reads both, so a fraction of 0 (an empty
     ``val.bin``) or 1 (an empty ``train.bin``) only fails later, and more confusingly."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"--val_fraction must be between 0 and 1 (exclusive), got "
+        raise InputError(f"--val_fraction must be between 0 and 1 (exclusive), got "
                          f"{val_fraction}; 0.1 (the default) holds out a tenth for validation")
 
 
@@ -105,7 +106,7 @@ def _split_characters(doc: str, val_fraction: float) -> tuple[list[str], list[st
     cut = int(len(doc) * (1 - val_fraction))
     if not 0 < cut < len(doc):
         empty = "train" if cut == 0 else "val"
-        raise ValueError(f"the only document has {len(doc)} character(s), and --val_fraction "
+        raise InputError(f"the only document has {len(doc)} character(s), and --val_fraction "
                          f"{val_fraction} of it leaves the {empty} split empty; give more text "
                          "or another --val_fraction")
     return [doc[:cut]], [doc[cut:]]
@@ -115,7 +116,7 @@ def _split_whole(docs: list[str], val_fraction: float) -> tuple[list[str], list[
     """The last ``val_fraction`` of the documents (at least one) to val, the rest to train."""
     n_val = max(1, round(len(docs) * val_fraction))
     if n_val >= len(docs):
-        raise ValueError(f"--val_fraction {val_fraction} of {len(docs)} documents puts all "
+        raise InputError(f"--val_fraction {val_fraction} of {len(docs)} documents puts all "
                          f"{len(docs)} in the val split and none in train; lower "
                          "--val_fraction or give more documents")
     return docs[:-n_val], docs[-n_val:]
@@ -144,7 +145,7 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, tokenizer: str = 
     """Tokenize ``inputs`` into ``out_dir``; returns the ``meta.json`` contents."""
     out = Path(out_dir)
     if tokenizer not in ("gpt2", "char"):
-        raise ValueError(f"tokenizer must be 'gpt2' or 'char', got {tokenizer!r}")
+        raise InputError(f"tokenizer must be 'gpt2' or 'char', got {tokenizer!r}")
     _check_val_fraction(val_fraction)  # before reading: a corpus can take a while
     docs = read_documents(inputs)
     splits = split_documents(docs, val_fraction)  # before anything is written
@@ -183,10 +184,6 @@ def ensure_bundled(name: str, cache_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 with ``error: ...`` for bad input)."""
-    # local: cli imports orbax (via checkpoint), which importing prepare (data.py does)
-    # should not need
-    from jaxgpt2.cli import run_tool
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="text/JSONL files or folders")
     parser.add_argument("--out", required=True, help="output folder")
@@ -199,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
               f"val tokens ({meta['tokenizer']}, vocab {meta['vocab_size']})")
 
-    return run_tool(prepare_and_report)
+    return report_errors(prepare_and_report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import optax
 
 from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
-from jaxgpt2.optim import applied_updates
+from jaxgpt2.optim import Optimizer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,7 +38,7 @@ class TrainState(flax.struct.PyTreeNode):
     loss_scale: LossScale | None = None
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int,
+def create_train_state(params: Any, optimizer: Optimizer, seed: int,
                        loss_scale: float | None = None) -> TrainState:
     """A fresh state; ``loss_scale`` (the initial scale) turns on dynamic loss scaling."""
     scale = None if loss_scale is None else LossScale.create(loss_scale)
@@ -64,8 +64,8 @@ def token_nll(padded_logits: jax.Array, targets: jax.Array, vocab_size: int) -> 
 
     Written with its own gradient, ``softmax - onehot``, computed from the logits in
     their own dtype: differentiating the float32 log-sum-exp instead would keep a float32
-    copy of all the logits for the backward pass (for GPT-2 124M at 32 x 1024 tokens,
-    6.6 GB written and read twice, about 9 ms of a 70 ms H100 step).
+    copy of all the logits for the backward pass (``docs/performance.md``, "Why the code
+    is shaped this way").
     """
     return _token_nll_fwd(padded_logits, targets, vocab_size)[0]
 
@@ -100,8 +100,7 @@ def _loss_sum(model: GPT, params, batch: dict, rng: jax.Array | None):
     return cross_entropy_sum(logits, batch["targets"], batch["loss_mask"], model.config.vocab_size)
 
 
-def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, debug_nan_steps: Sequence[int] = (),
+def make_train_step(model: GPT, optimizer: Optimizer, debug_nan_steps: Sequence[int] = (),
                     loss_scale_interval: int = 2000) -> Callable:
     """Build ``train_step(state, batch)``; batch leaves are (grad_accum, batch, T).
 
@@ -164,9 +163,9 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
             "loss": loss_sum / count,
             "tokens": count,
             "grad_norm": grad_norm,
-            "lr": schedule(applied_updates(state.opt_state, state.step)),
-            "applied": (opt_state.notfinite_count == 0) & ~overflow,
-            "nonfinite_streak": opt_state.notfinite_count,
+            "lr": optimizer.learning_rate(state.opt_state, state.step),
+            "applied": optimizer.update_applied(opt_state) & ~overflow,
+            "nonfinite_streak": optimizer.nonfinite_streak(opt_state),
         }
         if scaler is not None:
             metrics.update(overflow=overflow, loss_scale=scaler.scale)

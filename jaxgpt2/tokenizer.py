@@ -16,6 +16,8 @@ from typing import Protocol, Sequence
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from jaxgpt2.errors import DataError, InputError
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
@@ -66,7 +68,7 @@ class CharTokenizer:
         try:
             return [self._index[c] for c in text]
         except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in this character vocabulary "
+            raise InputError(f"character {err.args[0]!r} is not in this character vocabulary "
                              f"({self.vocab_size} characters); use text made of the training "
                              "corpus' characters") from None
 
@@ -95,7 +97,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     if ids:
         return ids
     if tokenizer.eot_id is None:
-        raise ValueError(f"the prompt is empty and the {tokenizer.name!r} vocabulary has no "
+        raise InputError(f"the prompt is empty and the {tokenizer.name!r} vocabulary has no "
                          f"{ENDOFTEXT} to start from; give the prompt some text")
     return [tokenizer.eot_id]
 
@@ -107,4 +109,4 @@ def tokenizer_from_meta(meta: dict) -> Tokenizer:
         return GPT2Tokenizer()
     if kind == "char":
         return CharTokenizer(meta["chars"])
-    raise ValueError(f"meta.json names tokenizer {kind!r}; expected 'gpt2' or 'char'")
+    raise DataError(f"meta.json names tokenizer {kind!r}; expected 'gpt2' or 'char'")

@@ -11,9 +11,10 @@ import pytest
 from jaxgpt2.config import OptimConfig
 from jaxgpt2.loss_scale import LossScale
 from jaxgpt2.model import GPT
-from jaxgpt2.optim import applied_updates, learning_rate_schedule, make_optimizer
+from jaxgpt2.optim import Optimizer, applied_updates, build_optimizer, learning_rate_schedule
 from jaxgpt2.step import create_train_state, make_train_step
-from jaxgpt2.trainer import NonFiniteError, Trainer
+from jaxgpt2.errors import NonFiniteError
+from jaxgpt2.trainer import Trainer
 from test_resume import losses, make_config
 
 
@@ -54,8 +55,8 @@ def test_overflowing_steps_are_skipped_whole_until_the_scale_fits(fp16_model):
     optimizer state, halves the scale, and is not counted as a non-finite step."""
     model, params = fp16_model
     cfg = OptimConfig(warmup_steps=0, lr=1e-3)
-    tx = make_optimizer(cfg, 100)
-    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg, 100)))
+    tx = build_optimizer(cfg, 100)
+    step = jax.jit(make_train_step(model, tx))
     state = create_train_state(params, tx, 0, loss_scale=2.0 ** 24)
     batch = _batch()
     overflows, scales, first_loss = 0, [], None
@@ -88,12 +89,11 @@ def test_unscaled_gradient_equals_the_float32_gradient_direction(fp16_model, sma
     import optax
     model16, params = fp16_model
     model32 = GPT(small_config)
-    tx = optax.apply_if_finite(optax.sgd(1.0), 10)
-    sched = optax.constant_schedule(1.0)
+    tx = Optimizer.guard(optax.sgd(1.0), optax.constant_schedule(1.0))
     batch = _batch(1)
-    s16, _ = jax.jit(make_train_step(model16, tx, sched))(
+    s16, _ = jax.jit(make_train_step(model16, tx))(
         create_train_state(params, tx, 0, loss_scale=1024.0), batch)
-    s32, _ = jax.jit(make_train_step(model32, tx, sched))(create_train_state(params, tx, 0), batch)
+    s32, _ = jax.jit(make_train_step(model32, tx))(create_train_state(params, tx, 0), batch)
     d16 = jax.tree.map(lambda a, b: a - b, s16.params, params)
     d32 = jax.tree.map(lambda a, b: a - b, s32.params, params)
     num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(d16), jax.tree.leaves(d32)))
@@ -103,8 +103,8 @@ def test_unscaled_gradient_equals_the_float32_gradient_direction(fp16_model, sma
 
 def _sgd_delta(model, params, batch, scale):
     import optax
-    tx = optax.apply_if_finite(optax.sgd(1.0), 10)
-    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1.0)))
+    tx = Optimizer.guard(optax.sgd(1.0), optax.constant_schedule(1.0))
+    step = jax.jit(make_train_step(model, tx))
     state, _ = step(create_train_state(params, tx, 0, loss_scale=scale), batch)
     return jnp.concatenate([(a - b).ravel() for a, b in
                             zip(jax.tree.leaves(state.params), jax.tree.leaves(params))])
@@ -127,8 +127,8 @@ def test_a_non_finite_loss_is_a_real_failure_even_with_scale_above_one(fp16_mode
     broken = jax.tree.map(lambda x: x, params)
     broken["wpe"] = {"embedding": params["wpe"]["embedding"].at[0, 0].set(jnp.inf)}
     cfg = OptimConfig(warmup_steps=0)
-    tx = make_optimizer(cfg, 10)
-    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg, 10)))
+    tx = build_optimizer(cfg, 10)
+    step = jax.jit(make_train_step(model, tx))
     state, m = step(create_train_state(broken, tx, 0, loss_scale=1024.0), _batch())
     assert not np.isfinite(float(m["loss"]))
     assert not bool(m["overflow"]) and not bool(m["applied"])
@@ -167,7 +167,7 @@ def test_a_checkpoint_moves_between_float16_and_float32(tmp_path):
     as32.run()
     logged = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     lr_at_4 = [r["lr"] for r in logged if r["step"] == 4 and "lr" in r][-1]
-    assert lr_at_4 == pytest.approx(float(as32.schedule(applied)))
+    assert lr_at_4 == pytest.approx(float(as32.optimizer.schedule(applied)))
     as16 = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true",
                                "model.dtype=float16", "optim.loss_scale=512"))
     assert float(as16.state.loss_scale.scale) == 512.0

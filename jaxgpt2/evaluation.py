@@ -1,0 +1,84 @@
+"""Evaluations run during training: a registry of named metrics.
+
+At every ``train.eval_interval`` the loop calls each configured evaluation with the
+current parameters and logs what it returns (``{"val_loss": 1.93}``). Adding one
+(HellaSwag, say) is a class with ``metrics`` and ``__call__``, plus an entry in
+``EVALUATIONS`` that builds it when its config field asks for it; the loop, the logs and
+checkpoint retention (``train.best_metric``) pick its metrics up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import jax
+
+from jaxgpt2.config import Config
+from jaxgpt2.data import STREAMS, BatchSource, Dataset, mean_loss
+from jaxgpt2.model import GPT
+from jaxgpt2.step import make_eval_step
+
+
+class Evaluation(Protocol):
+    """Scores parameters; ``metrics`` names what ``__call__`` returns."""
+
+    metrics: tuple[str, ...]
+
+    def __call__(self, params: Any) -> dict[str, float]: ...
+
+
+@dataclass
+class EvalContext:
+    """What evaluations may need from the run: its config, model, data and placement.
+
+    ``rows`` are this process' rows of each global batch; ``place`` puts a host batch
+    onto the mesh; ``params_sharding`` and ``batch_sharding`` jit an evaluation step.
+    """
+
+    config: Config
+    model: GPT
+    dataset: Dataset
+    rows: tuple[int, int]
+    place: Callable[[dict], Any]
+    params_sharding: Any
+    batch_sharding: jax.sharding.Sharding
+    replicated: jax.sharding.Sharding
+
+
+@dataclass
+class ValidationLoss:
+    """Mean loss over ``train.eval_steps`` fixed validation batches: the same batches at
+    every evaluation, so successive values are comparable."""
+
+    eval_step: Callable
+    source: BatchSource
+    batches: int
+    place: Callable[[dict], Any]
+    metrics: tuple[str, ...] = ("val_loss",)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        loss, _ = mean_loss(self.eval_step, params, self.source, self.batches, self.place)
+        return {"val_loss": loss}
+
+
+def validation_loss(ctx: EvalContext) -> ValidationLoss | None:
+    train, data = ctx.config.train, ctx.config.data
+    if not train.eval_steps:
+        return None
+    eval_step = jax.jit(make_eval_step(ctx.model),
+                        in_shardings=(ctx.params_sharding, ctx.batch_sharding),
+                        out_shardings=ctx.replicated)
+    source = BatchSource(ctx.dataset.val, data.mode, data.batch_size, ctx.model.config.block_size,
+                         1, train.seed, STREAMS["val"], *ctx.rows)
+    return ValidationLoss(eval_step, source, train.eval_steps, ctx.place)
+
+
+# Each builder returns its evaluation, or None when the run's config does not ask for it.
+EVALUATIONS: dict[str, Callable[[EvalContext], Evaluation | None]] = {
+    "val_loss": validation_loss,
+}
+
+
+def make_evaluations(ctx: EvalContext) -> list[Evaluation]:
+    return [e for build in EVALUATIONS.values() if (e := build(ctx)) is not None]
