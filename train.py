@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import time
 
-from jaxgpt2.config import load_config
-from jaxgpt2.errors import report_errors
-from jaxgpt2.metrics import say
-from jaxgpt2.trainer import Trainer
+STARTED = time.perf_counter()  # before the imports, whose time is the run's too
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from jaxgpt2.config import load_config  # noqa: E402
+from jaxgpt2.errors import report_errors  # noqa: E402
+from jaxgpt2.metrics import PhaseTimes, say  # noqa: E402
+from jaxgpt2.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides += [f"train.out_dir={args.resume}", "train.resume=true"]
+    phases = PhaseTimes()
+    phases.seconds["imports"] = time.perf_counter() - STARTED
 
     def train() -> None:
         config = load_config(args.config, overrides)
-        trainer = Trainer(config)
+        trainer = Trainer(config, phases)
         summary = trainer.run()
         if "stopped_by" not in summary and config.train.sample_tokens:
-            say("sample:\n" + trainer.sample())
+            with phases.phase("sample"):
+                text = trainer.sample()
+            say("sample:\n" + text)
+        say(phases.line())
 
     return report_errors(train)
 

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgpt2.config import Direction, GPTConfig
@@ -30,18 +34,44 @@ from jaxgpt2.errors import CheckpointError
 from jaxgpt2.step import TrainState
 
 
-class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns "Given directory is read only" on every read-only open; for sample.py
-    and the other inference tools that is the intent, not news, so it is not printed."""
+class _DropOrbaxNoise(logging.Filter):
+    """Drops orbax's log records that jaxgpt2 reports better itself: the "Given directory
+    is read only" warning of every read-only open (the inference tools' intent, not news),
+    and the error logs, each with a traceback, of a failed background save: orbax's own,
+    and asyncio's "exception was never retrieved" for its abandoned writes (raised as one
+    CheckpointError line instead; a full disk otherwise prints pages)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Given directory is read only")
+        message = record.getMessage()
+        if message.startswith("Given directory is read only"):
+            return False
+        if record.name == "asyncio":
+            return not ("exception was never retrieved" in message and "orbax" in message)
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
-def _silence_read_only_notice() -> None:
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropReadOnlyNotice())
+def _hide_closed_loop_callbacks() -> None:
+    """After a failed save, TensorStore's late write callbacks find orbax's event loop
+    closed and each report a "RuntimeError: Event loop is closed" traceback through
+    ``sys.unraisablehook``, burying the one-line CheckpointError; only those are hidden."""
+    previous = sys.unraisablehook
+    if getattr(previous, "hides_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.hides_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _filter_orbax_logs() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropOrbaxNoise) for f in logger.filters):
+            logger.addFilter(_DropOrbaxNoise())
 
 
 def model_config(meta: dict, step_folder: Path) -> GPTConfig:
@@ -52,6 +82,16 @@ def model_config(meta: dict, step_folder: Path) -> GPTConfig:
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{step_folder}: its meta holds no complete model config "
                               f"(missing {err}); is it a jaxgpt2 checkpoint?") from err
+
+
+def _os_reason(err: BaseException) -> str:
+    """The operating system's reason inside a TensorStore/orbax error ("No space left on
+    device"), else the error's first line."""
+    text = str(err)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
@@ -83,10 +123,13 @@ class Checkpointer:
             preservation_policy=preservation, enable_async_checkpointing=True,
             create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
             save_interval_steps=0 if read_only else 1)
-        if read_only:
-            _silence_read_only_notice()
+        _filter_orbax_logs()
+        _hide_closed_loop_callbacks()
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
+        self._last_save: tuple[int, int] | None = None  # (step, bytes) of the latest save
+        self._unchecked = False  # a save started and not yet seen to finish
+        self._failed = False
 
     def save(self, state: TrainState, meta: dict, metrics: dict[str, float] | None = None) -> None:
         """Start writing a checkpoint for ``state.step`` (returns before the write ends);
@@ -94,9 +137,44 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         best = (metrics or {}).get(self.best_metric)
         metrics = {self.best_metric: float(best)} if best is not None else None
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=True)
+        tree = _as_tree(state)
+        size = sum(x.nbytes for x in jax.tree.leaves(tree))
+        self.wait()  # orbax would wait for the previous save too; its failure is its own
+        self._last_save, self._unchecked = (step, size), True
+        with self._reporting_write_errors():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics, force=True)
+
+    def check_for_errors(self) -> None:
+        """Raise the CheckpointError of a background save that failed (cheap: the loop
+        calls it every step, so a full disk stops the run at once, not at the next save)."""
+        if self._unchecked and not self.manager.is_saving_in_progress():
+            with self._reporting_write_errors():
+                self.manager.wait_until_finished()  # returns at once; raises its failure
+            self._unchecked = False
+
+    @contextmanager
+    def _reporting_write_errors(self) -> Iterator[None]:
+        """A failed write as one line: where, why, how much room a checkpoint needs, and
+        the last complete checkpoint to resume from; orbax's own error runs to pages."""
+        try:
+            yield
+        except Exception as err:
+            if self._last_save is None:
+                raise
+            self._failed = True
+            step, size = self._last_save
+            self._close_after_failure()
+            self.manager.reload()
+            done = [s for s in self.steps() if s < step]
+            free = shutil.disk_usage(self.directory).free
+            last = (f"the last complete checkpoint is step {done[-1]}: resuming from it is safe "
+                    "(train.resume=true)" if done else "no checkpoint of this run is complete")
+            raise CheckpointError(
+                f"saving checkpoint {self.directory / str(step)} failed ({_os_reason(err)}); a "
+                f"checkpoint needs about {size / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB "
+                f"are free there; {last}") from None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -145,21 +223,9 @@ class Checkpointer:
             raise self._unreadable(step, err) from err
         return restored["state"]["params"]
 
-    def set_aside_after(self, step: int, folder: Path) -> list[int]:
-        """Move the checkpoints after ``step`` into ``folder`` (kept, never deleted), so a
-        run resumed from ``step`` can save those step numbers again; returns them."""
-        later = [s for s in self.steps() if s > step]
-        if later and jax.process_index() == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            for s in later:
-                target, copies = folder / str(s), 1
-                while target.exists():  # set aside before: keep both
-                    target, copies = folder / f"{s}.{copies}", copies + 1
-                (self.directory / str(s)).rename(target)
-        if later and jax.process_count() > 1:
-            multihost_utils.sync_global_devices("jaxgpt2_set_aside_checkpoints")
+    def reload(self) -> None:
+        """Read the folder again after checkpoints were moved in or out of it."""
         self.manager.reload()
-        return later
 
     def _unreadable(self, step: int, err: Exception) -> CheckpointError:
         earlier = [s for s in self.steps() if s < step]
@@ -172,8 +238,21 @@ class Checkpointer:
         return CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
                                f"({type(err).__name__}: {reason}){hint}")
 
+    def _close_after_failure(self) -> None:
+        """Let the failed save's other writes finish before the process exits: left
+        running, their callbacks find orbax's event loop closed and print tracebacks."""
+        try:
+            self.manager.close()
+        except Exception:  # the same failure again; it is being reported
+            pass
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the last save is on disk; after a reported failure, return at once
+        (its error has been raised already)."""
+        if self._failed:
+            return
+        with self._reporting_write_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

@@ -8,6 +8,7 @@ name instead of being silently ignored (nanoGPT's ``exec`` configurator cannot d
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import re
 import types
@@ -27,8 +28,9 @@ Attention = Literal["auto", "cudnn", "xla"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                       "save_attention_out"]
 DataMode = Literal["windows", "padded"]
-OptimizerName = Literal["adamw"]
-ScheduleName = Literal["cosine", "constant"]
+OptimizerName = Literal["adamw", "lion", "adafactor", "sgd", "muon"]
+ScheduleName = Literal["cosine", "constant", "linear", "wsd", "inverse_sqrt"]
+DecayShape = Literal["linear", "1-sqrt"]
 DeviceKind = Literal["auto", "cpu", "gpu", "tpu"]
 Direction = Literal["min", "max"]
 
@@ -63,13 +65,13 @@ class GPTConfig:
         return -(-self.vocab_size // 128) * 128
 
     def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 "choose n_embd as a multiple of n_head")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         check_choices(self, "model")
@@ -145,6 +147,15 @@ class OptimConfig:
     ``decay_steps: null`` decays over ``train.max_steps``. ``schedule: constant`` holds
     ``lr`` after warmup (fine-tuning recipes). ``loss_scale`` (the initial scale) and
     ``loss_scale_interval`` (finite steps that double it) apply to float16 runs only.
+
+    A field named in ``FOR_OPTIMIZERS`` or ``FOR_SCHEDULES`` applies only to the
+    optimizers or schedules listed there; every other field applies to all of them.
+    ``weight_decay`` is decoupled and scaled by the learning rate under every optimizer
+    (each step shrinks kernels and embeddings by ``lr * weight_decay``), so a 10x smaller
+    ``lr`` needs a 10x larger ``weight_decay`` to decay as fast. Under ``muon``, ``lr``,
+    ``b1``, ``b2``, ``eps`` and ``weight_decay`` drive its AdamW part (embeddings, biases,
+    LayerNorms) and the ``muon_*`` fields its Muon part (the blocks' kernels).
+    ``docs/optimizers.md`` gives each default's source.
     """
 
     lr: float = 6e-4
@@ -161,11 +172,44 @@ class OptimConfig:
     loss_scale: float = 65536.0
     loss_scale_interval: int = 2000
     max_consecutive_nonfinite: int = 5
+    decay_fraction: float = 0.2
+    decay_shape: DecayShape = "1-sqrt"
+    lion_b1: float = 0.9
+    lion_b2: float = 0.99
+    sgd_momentum: float = 0.9
+    sgd_nesterov: bool = False
+    adafactor_decay_rate: float = 0.8
+    adafactor_clipping_threshold: float = 1.0
+    adafactor_multiply_by_parameter_scale: bool = True
+    adafactor_momentum: float | None = None
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    muon_weight_decay: float = 0.0
+
+    # Where each rule-specific field applies. Set to a non-default value under any other
+    # optimizer or schedule, it is refused by name rather than silently ignored; a new
+    # optimizer or schedule lists its own fields here.
+    FOR_OPTIMIZERS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "b1": ("adamw", "muon"), "b2": ("adamw", "muon"), "eps": ("adamw", "muon"),
+        "lion_b1": ("lion",), "lion_b2": ("lion",),
+        "sgd_momentum": ("sgd",), "sgd_nesterov": ("sgd",),
+        "adafactor_decay_rate": ("adafactor",), "adafactor_clipping_threshold": ("adafactor",),
+        "adafactor_multiply_by_parameter_scale": ("adafactor",),
+        "adafactor_momentum": ("adafactor",),
+        "muon_lr": ("muon",), "muon_momentum": ("muon",), "muon_ns_steps": ("muon",),
+        "muon_weight_decay": ("muon",),
+    }
+    FOR_SCHEDULES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "min_lr": ("cosine", "linear", "wsd"), "decay_steps": ("cosine", "linear", "wsd"),
+        "decay_fraction": ("wsd",), "decay_shape": ("wsd",),
+    }
 
     def validate(self) -> None:
+        check_choices(self, "optim")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        if self.schedule in self.FOR_SCHEDULES["min_lr"] and not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -178,7 +222,46 @@ class OptimConfig:
         if self.loss_scale < 1 or self.loss_scale_interval < 1:
             raise ConfigError("optim.loss_scale and optim.loss_scale_interval must be >= 1, "
                               f"got {self.loss_scale} and {self.loss_scale_interval}")
-        check_choices(self, "optim")
+        self._check_rule_ranges()
+        self._refuse_inapplicable()
+
+    def _check_rule_ranges(self) -> None:
+        """Range checks of the optimizer- and schedule-specific fields."""
+        for key in ("lion_b1", "lion_b2", "sgd_momentum", "muon_momentum", "adafactor_momentum"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"optim.{key} must be in [0, 1), got {value}")
+        for key in ("muon_lr", "muon_ns_steps", "adafactor_decay_rate",
+                    "adafactor_clipping_threshold", "decay_fraction"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"optim.{key} must be positive, got {getattr(self, key)}")
+        if self.muon_weight_decay < 0 or self.decay_fraction > 1:
+            raise ConfigError("optim.muon_weight_decay must be >= 0 and optim.decay_fraction "
+                              f"<= 1, got {self.muon_weight_decay} and {self.decay_fraction}")
+        if self.schedule == "inverse_sqrt" and self.warmup_steps < 1:
+            raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1: "
+                              "after warmup the rate is lr * sqrt(warmup_steps / step)")
+
+    def _refuse_inapplicable(self) -> None:
+        """A field set for another optimizer or schedule than the chosen one is an error."""
+        for table, key, chosen in ((self.FOR_OPTIMIZERS, "name", self.name),
+                                   (self.FOR_SCHEDULES, "schedule", self.schedule)):
+            for field_name, applies in table.items():
+                if chosen not in applies and self._is_set(field_name):
+                    raise ConfigError(
+                        f"optim.{field_name}={getattr(self, field_name)!r} applies to "
+                        f"optim.{key} {', '.join(applies[:-1]) + ' and ' if applies[1:] else ''}"
+                        f"{applies[-1]}, not {chosen}; remove it or choose "
+                        f"optim.{key}={applies[0]}")
+
+    def _is_set(self, field_name: str) -> bool:
+        """Whether a field differs from its default. ``min_lr`` equal to ``lr`` also counts
+        as unset: it says "no decay", as nanoGPT's fine-tuning recipe (a constant
+        schedule) spells it."""
+        value = getattr(self, field_name)
+        if field_name == "min_lr" and value == self.lr:
+            return False
+        return value != OptimConfig.__dataclass_fields__[field_name].default
 
 
 @dataclass
@@ -187,6 +270,11 @@ class TrainConfig:
 
     ``best_metric`` is the evaluation metric by which one checkpoint is kept beside the
     latest ``keep`` (``best_direction``: ``min`` when lower is better, ``max`` otherwise).
+    ``hellaswag`` names a HellaSwag JSONL file to score at every evaluation ("": none).
+    ``progress`` shows a live bar on a terminal and plain log lines otherwise.
+    ``tensorboard`` and ``wandb_project`` add those writers to ``metrics.jsonl``.
+    ``eval_sample_tokens`` > 0 samples that many tokens after ``sample_prompt`` at every
+    evaluation into ``samples.txt``; ``plot`` redraws ``loss.png`` at every evaluation.
 
     ``debug_nan_steps`` is for tests only: those steps get NaN gradients, so the
     non-finite guard can be exercised end to end.
@@ -207,8 +295,13 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_prompt: str = "\n"
     progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str = ""
+    eval_sample_tokens: int = 0
+    plot: bool = True
     best_metric: str = "val_loss"
     best_direction: Direction = "min"
+    hellaswag: str = ""
     debug_nan_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -216,8 +309,17 @@ class TrainConfig:
                      "keep"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.eval_steps < 0 or self.sample_tokens < 0:
-            raise ConfigError("train.eval_steps and train.sample_tokens must be >= 0")
+        if min(self.eval_steps, self.sample_tokens, self.eval_sample_tokens) < 0:
+            raise ConfigError("train.eval_steps, train.sample_tokens and "
+                              "train.eval_sample_tokens must be >= 0")
+        for name, module, extra in (("tensorboard", "tensorboardX", "tensorboard"),
+                                    ("wandb_project", "wandb", "wandb")):
+            if getattr(self, name) and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"train.{name} needs the {module} package: pip install "
+                                  f"'jaxgpt2[{extra}]' (or leave train.{name} off)")
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty, which would write into the current "
+                              "folder; name the run's folder, e.g. train.out_dir=out/run1")
         check_choices(self, "train")
 
 
@@ -461,7 +563,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} not found; configs live in configs/, "
                               "e.g. --config configs/shakespeare_char_cpu.yaml")
-        tree = _read_yaml_file(path) or {}
+        if path.is_dir():
+            raise ConfigError(f"--config {str(path)!r} is a folder; name a YAML file in it, "
+                              "e.g. --config configs/shakespeare_char_cpu.yaml")
+        tree = _read_yaml_file(path)
+        if tree is None:  # an empty file would silently train every default
+            raise ConfigError(f"config file {str(path)!r} is empty; write the settings there "
+                              "(see configs/*.yaml) or leave out --config for the defaults")
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for override in overrides:

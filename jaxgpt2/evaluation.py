@@ -16,6 +16,9 @@ import jax
 
 from jaxgpt2.config import Config
 from jaxgpt2.data import STREAMS, BatchSource, Dataset, mean_loss
+from jaxgpt2.hellaswag import (HellaSwagEvaluation, check_gpt2, crop_note, load_examples,
+                               make_score_step, place_replicated)
+from jaxgpt2.metrics import say
 from jaxgpt2.model import GPT
 from jaxgpt2.step import make_eval_step
 
@@ -74,9 +77,26 @@ def validation_loss(ctx: EvalContext) -> ValidationLoss | None:
     return ValidationLoss(eval_step, source, train.eval_steps, ctx.place)
 
 
+def hellaswag(ctx: EvalContext) -> HellaSwagEvaluation | None:
+    """HellaSwag accuracy of the file ``train.hellaswag`` names, scored on replicated
+    batches (correctness first: every device scores every row)."""
+    path = ctx.config.train.hellaswag
+    if not path:
+        return None
+    check_gpt2(ctx.dataset.meta, f"the training data ({ctx.dataset.path})")
+    examples, block = load_examples(path), ctx.model.config.block_size
+    if note := crop_note(examples, block):
+        say(note)
+    step = jax.jit(make_score_step(ctx.model), in_shardings=(ctx.params_sharding, ctx.replicated),
+                   out_shardings=ctx.replicated)
+    return HellaSwagEvaluation(step, examples, block, max(1, ctx.config.data.batch_size // 4),
+                               place_replicated(ctx.replicated))
+
+
 # Each builder returns its evaluation, or None when the run's config does not ask for it.
 EVALUATIONS: dict[str, Callable[[EvalContext], Evaluation | None]] = {
     "val_loss": validation_loss,
+    "hellaswag": hellaswag,
 }
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import GPTConfig, TrainConfig
 from jaxgpt2.errors import ConfigError
 from jaxgpt2.loss_scale import LossScale
+from jaxgpt2.metrics import say
 from jaxgpt2.step import TrainState
 
 # Fields that define what a checkpoint *is*; changing them on resume is an error. The
@@ -107,14 +109,33 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
     return changes
 
 
-def restore_state(checkpointer: Checkpointer, step: int, abstract: TrainState,
+def resume(checkpointer: Checkpointer, step: int, run_config: dict, abstract: TrainState,
+           shardings_for: Callable[[TrainState], Any], loss_scale: float | None,
+           replicated: jax.sharding.Sharding) -> TrainState:
+    """Check ``step``'s checkpoint against the run's resolved config, restore it, log
+    what changed, and set later checkpoints aside (see ``restore_state``)."""
+    saved = checkpointer.read_meta(step)["config"]
+    check_compatible(saved, run_config)
+    state = restore_state(checkpointer, step, saved, abstract, shardings_for, loss_scale,
+                          replicated)
+    for change in changed_fields(saved, run_config):
+        say(f"resume: {change}")
+    say(f"resumed from {checkpointer.directory / str(step)}")
+    out_dir = checkpointer.directory.parent
+    set_aside = set_aside_after(checkpointer, step, out_dir / SUPERSEDED)
+    if set_aside:
+        say(f"checkpoints after step {step} (steps {', '.join(map(str, set_aside))}) moved "
+            f"to {out_dir / SUPERSEDED}, so this run can save those steps again")
+    return state
+
+
+def restore_state(checkpointer: Checkpointer, step: int, saved: dict, abstract: TrainState,
                   shardings_for: Callable[[TrainState], Any], loss_scale: float | None,
                   replicated: jax.sharding.Sharding) -> TrainState:
-    """Restore ``step`` onto the shardings ``shardings_for`` gives, then add or drop the
-    loss scale as the run moves into (``loss_scale``, the initial scale) or out of
-    float16."""
-    meta = checkpointer.read_meta(step)
-    saved_scaled = meta["config"].get("model", {}).get("dtype") == "float16"
+    """Restore ``step`` (whose resolved config is ``saved``) onto the shardings
+    ``shardings_for`` gives, then add or drop the loss scale as the run moves into
+    (``loss_scale``, the initial scale) or out of float16."""
+    saved_scaled = saved.get("model", {}).get("dtype") == "float16"
     target = abstract.replace(loss_scale=jax.eval_shape(lambda: LossScale.create(1.0))
                               if saved_scaled else None)
     state, _ = checkpointer.restore(step, target, shardings_for(target))
@@ -123,3 +144,20 @@ def restore_state(checkpointer: Checkpointer, step: int, abstract: TrainState,
     elif loss_scale is not None and not saved_scaled:
         state = state.replace(loss_scale=jax.device_put(LossScale.create(loss_scale), replicated))
     return state
+
+
+def set_aside_after(checkpointer: Checkpointer, step: int, folder: Path) -> list[int]:
+    """Move the checkpoints after ``step`` into ``folder`` (kept, never deleted), so a run
+    resumed from ``step`` can save those step numbers again; returns them."""
+    later = [s for s in checkpointer.steps() if s > step]
+    if later and jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in later:
+            target, copies = folder / str(s), 1
+            while target.exists():  # set aside before: keep both
+                target, copies = folder / f"{s}.{copies}", copies + 1
+            (checkpointer.directory / str(s)).rename(target)
+    if later and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxgpt2_set_aside_checkpoints")
+    checkpointer.reload()
+    return later

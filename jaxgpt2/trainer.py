@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -21,19 +22,20 @@ import yaml
 
 from jaxgpt2 import sharding
 from jaxgpt2.checkpoint import Checkpointer
-from jaxgpt2.config import Config, GPTConfig, resolve_auto
+from jaxgpt2.config import Config, GPTConfig, TrainConfig, resolve_auto
 from jaxgpt2.data import STREAMS, BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
 from jaxgpt2.errors import ConfigError, InputError, NonFiniteError, UserError
 from jaxgpt2.evaluation import EvalContext, make_evaluations
 from jaxgpt2.generate import generate
 from jaxgpt2.hf import load_pretrained
-from jaxgpt2.metrics import Reporter, make_writers, say
-from jaxgpt2.model import GPT, count_params
+from jaxgpt2.metrics import PhaseTimes, Reporter, say
+from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
-from jaxgpt2.resume import (SUPERSEDED, changed_fields, check_compatible, choose_resume_step,
-                            restore_state, saved_model_config)
+from jaxgpt2.run_lock import RunLock
+from jaxgpt2.resume import choose_resume_step, resume, saved_model_config
 from jaxgpt2.step import TrainState, create_train_state, make_train_step
-from jaxgpt2.tokenizer import encode_prompt
+from jaxgpt2.summary import flops_per_token, memory_line, peak_flops, startup_lines
+from jaxgpt2.tokenizer import Tokenizer, encode_prompt
 
 
 def resolve_model_config(config: Config, dataset: Dataset, platform: str,
@@ -63,6 +65,15 @@ def resolve_model_config(config: Config, dataset: Dataset, platform: str,
     return gpt
 
 
+def resolved_config(config: Config, gpt: GPTConfig, tokenizer: str) -> dict:
+    """The config as the run uses it (model sizes and ``auto`` decided, the data's
+    tokenizer named): what ``config.yaml`` and every checkpoint record."""
+    resolved = config.to_dict()
+    resolved["model"].update(dataclasses.asdict(gpt))
+    resolved["data"]["tokenizer"] = tokenizer
+    return resolved
+
+
 def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +83,59 @@ def check_writable(out_dir: Path) -> None:
     except OSError as err:
         raise ConfigError(f"train.out_dir={str(out_dir)!r} is not writable ({err.strerror}); "
                           "choose another folder with train.out_dir=...") from None
+
+
+def check_sample_prompt(tokenizer: Tokenizer, prompt: str) -> None:
+    """Found before training, not after the training the sample would follow."""
+    try:
+        encode_prompt(tokenizer, prompt)
+    except InputError as err:
+        raise ConfigError(f"train.sample_prompt={prompt!r}: {err}") from None
+
+
+def pretrained(init_from: str, out_dir: Path, resume_step: int | None
+               ) -> tuple[GPTConfig | None, dict | None]:
+    """``model.init_from``'s architecture and weights; resuming a fine-tune needs only
+    the architecture, which its checkpoint records."""
+    if not init_from:
+        return None, None
+    if resume_step is not None:
+        return saved_model_config(out_dir, resume_step), None
+    try:
+        return load_pretrained(init_from)
+    except UserError as err:
+        raise ConfigError(f"model.init_from={init_from!r}: {err}") from None
+
+
+def initial_state(model: GPT, fresh: Callable[[dict], TrainState], seed: int,
+                  shardings: TrainState, pretrained_params: dict | None) -> TrainState:
+    """A new run's state, made in its shardings: from the seed, or from ``model.init_from``'s
+    weights (position embeddings cropped to ``block_size``), which enter the program as
+    an argument, never as constants baked into it."""
+    if pretrained_params is None:
+        init = lambda: fresh(model.init_params(jax.random.PRNGKey(seed)))
+        return jax.jit(init, out_shardings=shardings)()
+    params = dict(pretrained_params)
+    params["wpe"] = {"embedding": params["wpe"]["embedding"][: model.config.block_size]}
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def check_best_metric(best_metric: str, produced: list[str]) -> None:
+    """Retention ranks by a metric some evaluation produces (with no evaluation at all,
+    checkpoints are kept by recency alone)."""
+    if produced and best_metric not in produced:
+        raise ConfigError(f"train.best_metric={best_metric!r} is not a metric this run "
+                          f"evaluates ({', '.join(produced)})")
+
+
+def stop_after_nonfinite(m: dict, step: int, limit: int) -> None:
+    """The loop's stop: ``limit`` consecutive skipped updates end the run."""
+    overflow = bool(m.get("overflow", False))  # float16's own skip, never a failure
+    if not overflow and not bool(m["applied"]) and int(m["nonfinite_streak"]) >= limit:
+        raise NonFiniteError(f"{limit} consecutive steps had non-finite gradients (last: step "
+                             f"{step}); stopping. Lower optim.lr or check the data, then "
+                             "resume with train.resume=true")
 
 
 @contextmanager
@@ -91,8 +155,14 @@ def stop_on_signals() -> Iterator[dict]:
 class Trainer:
     """Owns the run's state; ``run()`` trains to ``train.max_steps`` and returns a summary."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, phases: PhaseTimes | None = None) -> None:
         self.config = config
+        self.phases = phases or PhaseTimes()
+        with self.phases.phase("set-up"):
+            self._open(config)
+
+    def _open(self, config: Config) -> None:
+        """Devices, data and the run folder's lock, then everything else under it."""
         tc = config.train
         sharding.maybe_initialize_distributed()
         self.devices = sharding.select_devices(tc.device)
@@ -100,46 +170,37 @@ class Trainer:
         sharding.check_batch_divides(config.data.batch_size, self.mesh)
         self.dataset = open_dataset(resolve_dataset_dir(config.data.dataset, config.data.cache_dir),
                                     min_tokens=config.model.block_size + 1)
-        self._check_sample_prompt()
+        if tc.sample_tokens:
+            check_sample_prompt(self.dataset.tokenizer(), tc.sample_prompt)
         self.out_dir = Path(tc.out_dir)
+        choose_resume_step(tc, self.out_dir)  # refused before the folder is made or locked
+        check_writable(self.out_dir)
+        self.lock = RunLock.acquire(self.out_dir)  # held until run() ends
+        try:
+            self._set_up()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.lock.record_holder()
+
+    # -- set-up -------------------------------------------------------------------------
+    def _set_up(self) -> None:
+        """What is decided under the run folder's lock: resume (again: another run may
+        have saved since the check before the lock), model, state, step."""
+        config, tc = self.config, self.config.train
         self.resume_step = choose_resume_step(tc, self.out_dir)
-        pretrained_config, pretrained_params = self._pretrained()
+        pretrained_config, pretrained_params = pretrained(config.model.init_from, self.out_dir,
+                                                          self.resume_step)
         self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
                                                pretrained_config)
         self.model = GPT(self.gpt_config)
-        check_writable(self.out_dir)
-        self.resolved = config.to_dict()
-        self.resolved["model"].update(dataclasses.asdict(self.gpt_config))
-        self.resolved["data"]["tokenizer"] = self.dataset.meta["tokenizer"]
+        self.resolved = resolved_config(config, self.gpt_config, self.dataset.meta["tokenizer"])
         self.optimizer = build_optimizer(config.optim, tc.max_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=tc.keep,
                                          best_metric=tc.best_metric,
                                          best_direction=tc.best_direction)
         self._build_state(pretrained_params)
         self._build_step()
-
-    # -- set-up -------------------------------------------------------------------------
-    def _check_sample_prompt(self) -> None:
-        """Found now, not after the training the sample would follow."""
-        if self.config.train.sample_tokens:
-            try:
-                encode_prompt(self.dataset.tokenizer(), self.config.train.sample_prompt)
-            except InputError as err:
-                raise ConfigError(f"train.sample_prompt={self.config.train.sample_prompt!r}: "
-                                  f"{err}") from None
-
-    def _pretrained(self) -> tuple[GPTConfig | None, dict | None]:
-        """``model.init_from``'s architecture and weights; resuming a fine-tune needs only
-        the architecture, which its checkpoint records."""
-        init_from = self.config.model.init_from
-        if not init_from:
-            return None, None
-        if self.resume_step is not None:
-            return saved_model_config(self.out_dir, self.resume_step), None
-        try:
-            return load_pretrained(init_from)
-        except UserError as err:
-            raise ConfigError(f"model.init_from={init_from!r}: {err}") from None
 
     def _build_state(self, pretrained_params: dict | None) -> None:
         seed = self.config.train.seed
@@ -148,35 +209,15 @@ class Trainer:
         abstract = jax.eval_shape(lambda: fresh(self.model.init_params(jax.random.PRNGKey(seed))))
         self.state_sharding = self._state_sharding(abstract)
         if self.resume_step is not None:
-            self.state = self._restore(self.resume_step, abstract, loss_scale)
-        elif pretrained_params is None:
-            init = lambda: fresh(self.model.init_params(jax.random.PRNGKey(seed)))
-            self.state = jax.jit(init, out_shardings=self.state_sharding)()
+            self.state = resume(self.checkpointer, self.resume_step, self.resolved, abstract,
+                                self._state_sharding, loss_scale, self._replicated())
         else:
-            # Weights enter as an argument, never as constants baked into the program;
-            # position embeddings are cropped to block_size.
-            params = dict(pretrained_params)
-            params["wpe"] = {"embedding": params["wpe"]["embedding"][: self.gpt_config.block_size]}
-            params = jax.device_put(params, self.state_sharding.params)
-            self.state = jax.jit(fresh, out_shardings=self.state_sharding, donate_argnums=0)(params)
+            self.state = initial_state(self.model, fresh, seed, self.state_sharding,
+                                       pretrained_params)
 
     def _state_sharding(self, abstract: TrainState) -> TrainState:
         shardings = sharding.state_shardings(abstract, self.mesh)
         return shardings.replace(step=self._replicated(), rng=self._replicated())
-
-    def _restore(self, step: int, abstract: TrainState, loss_scale: float | None) -> TrainState:
-        saved = self.checkpointer.read_meta(step)["config"]
-        check_compatible(saved, self.resolved)
-        state = restore_state(self.checkpointer, step, abstract, self._state_sharding,
-                              loss_scale, self._replicated())
-        for change in changed_fields(saved, self.resolved):
-            say(f"resume: {change}")
-        say(f"resumed from {self.checkpointer.directory / str(step)}")
-        set_aside = self.checkpointer.set_aside_after(step, self.out_dir / SUPERSEDED)
-        if set_aside:
-            say(f"checkpoints after step {step} (steps {', '.join(map(str, set_aside))}) moved "
-                f"to {self.out_dir / SUPERSEDED}, so this run can save those steps again")
-        return state
 
     def _replicated(self) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -197,10 +238,7 @@ class Trainer:
         self.evaluations = make_evaluations(EvalContext(
             self.config, self.model, self.dataset, rows, self._place, self.state_sharding.params,
             self.batch_sharding, self._replicated()))
-        produced = [m for e in self.evaluations for m in e.metrics]
-        if produced and tc.best_metric not in produced:
-            raise ConfigError(f"train.best_metric={tc.best_metric!r} is not a metric this run "
-                              f"evaluates ({', '.join(produced)})")
+        check_best_metric(tc.best_metric, [m for e in self.evaluations for m in e.metrics])
 
     def _place(self, batch: dict) -> dict:
         return sharding.place_batch(batch, self.batch_sharding, self.config.data.batch_size)
@@ -208,116 +246,138 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Every configured evaluation of the current parameters, by metric name."""
-        results: dict[str, float] = {}
-        for evaluation in self.evaluations:
-            results.update(evaluation(self.state.params))
-        return results
+        return {k: v for e in self.evaluations for k, v in e(self.state.params).items()}
 
     def save(self, metrics: dict[str, float] | None = None) -> None:
-        meta = {"config": self.resolved,
-                "data": {"seed": self.config.train.seed,
-                         "next_step": int(jax.device_get(self.state.step))},
-                "tokenizer": {k: v for k, v in self.dataset.meta.items()
-                              if k in ("tokenizer", "vocab_size", "chars", "eot_id")}}
-        self.checkpointer.save(self.state, meta, metrics)
-
-    def _describe(self) -> None:
-        tc, dc = self.config.train, self.config.data
-        n_dev, device = len(self.devices), self.devices[0]
-        cfg = self.gpt_config
-        say(f"devices: {n_dev} x {device.device_kind} ({device.platform}); "
-            f"mesh {dict(self.mesh.shape)}; processes: {jax.process_count()}")
-        say(f"model: {count_params(self.state.params) / 1e6:.2f}M parameters, {cfg.n_layer} "
-            f"layers, {cfg.n_embd} wide, compute {cfg.dtype}, attention {cfg.attention}, "
-            f"remat {cfg.remat}; optimizer {self.config.optim.name}, schedule "
-            f"{self.config.optim.schedule}")
-        say(f"batch: global {dc.batch_size * tc.grad_accum} = micro-batch {dc.batch_size // n_dev}"
-            f" per device x {n_dev} devices x {tc.grad_accum} accumulation; "
-            f"{dc.batch_size * tc.grad_accum * cfg.block_size:,} tokens/step")
+        """Checkpoint the state with what a reader needs to use it without the config:
+        the resolved config, the data position and the tokenizer."""
+        tokenizer = {k: v for k, v in self.dataset.meta.items()
+                     if k in ("tokenizer", "vocab_size", "chars", "eot_id")}
+        data = {"seed": self.config.train.seed, "next_step": int(jax.device_get(self.state.step))}
+        self.checkpointer.save(self.state, {"config": self.resolved, "data": data,
+                                            "tokenizer": tokenizer}, metrics)
 
     def run(self) -> dict:
         """Train from the current step to ``train.max_steps``; returns a summary."""
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
-        self._describe()
-        start = int(jax.device_get(self.state.step))
-        reporter = Reporter(self.config.train, make_writers(self.out_dir, self.config.train), start)
-        prefetch = Prefetcher(self.train_source, self._place, start, self.config.data.prefetch)
-        summary: dict = {"start_step": start}
+        return TrainingRun(self).run()
+
+    def sample(self) -> str:
+        """A short sample from the trained model (printed at the end of a run)."""
+        params = sharding.to_host(self.state.params)  # whole, even if split across hosts
+        return sample_text(self.model, params, self.dataset.tokenizer(), self.config.train)
+
+
+class TrainingRun:
+    """One call of ``Trainer.run``: the loop, its reporter, batches and stop signals.
+
+    Each step's metrics are read one step late, after the next step is dispatched (the
+    host never stalls the device to log), unless an evaluation or a save needs them now.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.config = trainer, trainer.config
+        self.start = int(jax.device_get(trainer.state.step))
+        self.reporter = Reporter(self.config.train, trainer.out_dir, self.start,
+                                 flops_per_token(trainer.gpt_config),
+                                 peak_flops(trainer.devices))
+
+    def run(self) -> dict:
+        t = self.trainer
+        (t.out_dir / "config.yaml").write_text(yaml.safe_dump(t.resolved, sort_keys=False))
+        for line in startup_lines(self.config, t.gpt_config, t.devices, t.mesh, t.state):
+            say(line)
+        prefetch = Prefetcher(t.train_source, t._place, self.start, self.config.data.prefetch)
         try:
-            with stop_on_signals() as stop:
-                self._loop(start, prefetch, reporter, summary, stop)
+            with stop_on_signals() as stop, t.phases.phase("steps"):
+                self._loop(prefetch, stop)
         except NonFiniteError as err:
             # Skipped steps leave the weights as the last good step made them, so the
             # state is worth keeping: a resume continues after the bad batches.
-            self.save()
-            raise NonFiniteError(f"{err}; saved step {int(jax.device_get(self.state.step))} "
+            t.save()
+            raise NonFiniteError(f"{err}; saved step {int(jax.device_get(t.state.step))} "
                                  "(its weights are the last finite update's)") from None
         finally:
             prefetch.close()
-            reporter.close()
-            self.checkpointer.wait()
-        summary["step"] = int(jax.device_get(self.state.step))
-        return summary
+            self.reporter.close()
+            t.checkpointer.wait()
+            t.lock.release()
+        return {**self.reporter.summary, "step": int(jax.device_get(t.state.step))}
 
-    def _loop(self, step: int, prefetch: Prefetcher, reporter: Reporter, summary: dict,
-              stop: dict) -> None:
-        """Steps until ``max_steps`` or a signal; each step's metrics are read one step
-        late, after the next step is dispatched, unless an eval or save needs them now."""
-        tc = self.config.train
-        pending = None  # (step, device metrics) of the previous step
+    def _read(self, step: int, metrics: dict, force: bool = False) -> None:
+        m = self.reporter.read_step(step, metrics, force)
+        stop_after_nonfinite(m, step, self.config.optim.max_consecutive_nonfinite)
+
+    def _loop(self, prefetch: Prefetcher, stop: dict) -> None:
+        t, tc, reporter = self.trainer, self.config.train, self.reporter
+        step, pending = self.start, None  # pending: (step, device metrics) of the last step
+        step_fn = None
         while step < tc.max_steps:
             _, batch = prefetch.next()
-            self.state, metrics = self.train_step(self.state, batch)
+            step_fn = step_fn or self._compile(batch)
+            t.state, metrics = step_fn(t.state, batch)
+            t.checkpointer.check_for_errors()
             step += 1
             if pending is not None:
-                self._read(reporter, *pending, summary)
+                self._read(*pending)
             pending = (step, metrics)
             reporter.step_done()
             must_eval = step % tc.eval_interval == 0 or step == tc.max_steps
             must_save = step % tc.save_interval == 0 or step == tc.max_steps
             if must_eval or must_save or stop["signal"]:
-                self._read(reporter, *pending, summary, force=True)
+                self._read(*pending, force=True)
                 pending = None
-            results = self.evaluate() if must_eval else {}
-            if results:
-                reporter.evaluated(step, results)
-                summary.update(results)
+            with t.phases.phase("evaluation"):
+                results = self._evaluate(step) if must_eval else {}
             if must_save or stop["signal"]:
-                self.save(results)
+                with t.phases.phase("saves"):
+                    t.save(results)
             if must_eval or must_save:
                 reporter.throughput.restart()  # exclude eval/save time
             if stop["signal"]:
                 say(f"{stop['signal']}: saved step {step}; resume with: python train.py "
-                    f"--config <same config> train.out_dir={self.out_dir} train.resume=true")
-                summary["stopped_by"] = stop["signal"]
+                    f"--config <same config> train.out_dir={t.out_dir} train.resume=true")
+                reporter.summary["stopped_by"] = stop["signal"]
                 return
         if pending is not None:
-            self._read(reporter, *pending, summary, force=True)
+            self._read(*pending, force=True)
 
-    def _read(self, reporter: Reporter, step: int, device_metrics: dict, summary: dict,
-              force: bool = False) -> None:
-        """Report a finished step and stop at ``optim.max_consecutive_nonfinite``."""
-        m = reporter.read_step(step, device_metrics, force)
-        summary["train_loss"] = float(m["loss"])
-        summary.setdefault("first_loss", float(m["loss"]))
-        if bool(m.get("overflow", False)):
-            summary.setdefault("overflow_steps", []).append(step)
-        elif not bool(m["applied"]):
-            summary.setdefault("skipped_steps", []).append(step)
-            limit = self.config.optim.max_consecutive_nonfinite
-            if int(m["nonfinite_streak"]) >= limit:
-                raise NonFiniteError(
-                    f"{limit} consecutive steps had non-finite gradients (last: step {step}); "
-                    "stopping. Lower optim.lr or check the data, then resume with "
-                    "train.resume=true")
+    def _compile(self, batch: dict) -> Callable:
+        """The train step compiled ahead of the first step, announced and timed, so that
+        compilation never counts towards the rate or the ETA, with XLA's memory analysis
+        for the start-up summary. A step function that is not a jitted one (tests wrap it
+        to record losses) compiles at its first call instead."""
+        step_fn, memory = self.trainer.train_step, None
+        say("compiling the train step...")
+        began = time.perf_counter()
+        with self.trainer.phases.phase("compile"):
+            if hasattr(step_fn, "lower"):
+                step_fn = step_fn.lower(self.trainer.state, batch).compile()
+                memory = step_fn.memory_analysis()
+        self.reporter.compiled(self.start, time.perf_counter() - began)
+        if memory is not None:
+            say(memory_line(memory, self.trainer.gpt_config, self.config))
+        return step_fn
 
-    def sample(self) -> str:
-        """A short sample from the trained model (printed at the end of a run)."""
-        tc = self.config.train
-        tokenizer = self.dataset.tokenizer()
-        prompt = encode_prompt(tokenizer, tc.sample_prompt)
-        params = sharding.to_host(self.state.params)  # whole, even if split across hosts
-        ids = generate(self.model, params, np.asarray([prompt]), tc.sample_tokens,
-                       temperature=0.8, top_k=200, seed=tc.seed,
-                       vocab_limit=tokenizer.vocab_size)
-        return tokenizer.decode(ids[0].tolist())
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """The evaluations' metrics (returned), a sample when ``train.eval_sample_tokens``
+        asks for one, and the run's redrawn ``loss.png``."""
+        t, tc = self.trainer, self.config.train
+        results = t.evaluate()
+        if results:
+            self.reporter.evaluated(step, results)
+        if tc.eval_sample_tokens:
+            params = sharding.to_host(t.state.params)
+            self.reporter.sampled(step, [sample_text(t.model, params, t.dataset.tokenizer(),
+                                                     tc, tc.eval_sample_tokens)])
+        self.reporter.redraw_plot()
+        return results
+
+
+def sample_text(model: GPT, params: dict, tokenizer: Tokenizer, train: TrainConfig,
+                tokens: int | None = None) -> str:
+    """``tokens`` (default ``train.sample_tokens``) tokens after ``train.sample_prompt``
+    (temperature 0.8, top-k 200, seeded by ``train.seed``), prompt included."""
+    prompt = encode_prompt(tokenizer, train.sample_prompt)
+    ids = generate(model, params, np.asarray([prompt]), tokens or train.sample_tokens,
+                   temperature=0.8, top_k=200, seed=train.seed, vocab_limit=tokenizer.vocab_size)
+    return tokenizer.decode(ids[0].tolist())

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from jaxgpt2.config import GPTConfig  # noqa: E402
 from jaxgpt2.model import GPT  # noqa: E402
+from runs import RESUME_OVERRIDES, ROOT, tiny_config  # noqa: E402, F401  (ROOT: the repo)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,21 @@ def small_config() -> GPTConfig:
 def small_model(small_config):
     model = GPT(small_config)
     return model, model.init_params(jax.random.PRNGKey(0))
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    """``make(run="run", *overrides)``: configs/tiny.yaml for a run in ``tmp_path/run``,
+    data cached in ``tmp_path/data``, no progress bar, then ``overrides``."""
+    def make(run: str = "run", *overrides: str):
+        return tiny_config(tmp_path, run, *overrides)
+    return make
+
+
+@pytest.fixture
+def resume_config(run_config):
+    """``run_config`` with ``runs.RESUME_OVERRIDES`` before the test's own overrides:
+    what the checkpoint, resume and failure tests train with."""
+    def make(run: str = "run", *overrides: str):
+        return run_config(run, *RESUME_OVERRIDES, *overrides)
+    return make

@@ -16,9 +16,8 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import ROOT, TINY  # tests/runs.py (this script's folder): no JAX imported
 
 # Leaves whose placement the tests inspect: a matmul kernel, its Adam moment, the embedding.
 WATCHED = {
@@ -49,7 +48,7 @@ def train(spec: dict) -> dict:
     from jaxgpt2.config import load_config
     from jaxgpt2.trainer import Trainer
 
-    config = load_config(ROOT / "configs/tiny.yaml", spec["overrides"])
+    config = load_config(TINY, spec["overrides"])
     trainer = Trainer(config)
     start = int(trainer.state.step)
     losses = []

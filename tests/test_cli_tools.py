@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 
 from jaxgpt2 import evaluate, export
-from jaxgpt2.checkpoint import CheckpointError
 from jaxgpt2.config import load_config
+from jaxgpt2.errors import CheckpointError
 from jaxgpt2.generate import generate
 from jaxgpt2.hf import load_pretrained
 from jaxgpt2.load import TOKENIZER_NAME, load
 from jaxgpt2.model import GPT
 from jaxgpt2.tokenizer import GPT2Tokenizer
 from jaxgpt2.trainer import Trainer
+from runs import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_HF = ROOT / "tests/golden/l2_h2_e16_p64"
 
 
@@ -42,22 +42,27 @@ sample = import_script("sample")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
+def base(tmp_path_factory) -> Path:
+    """The module's folder: the run in ``base/run``, its data cache in ``base/data``."""
+    return tmp_path_factory.mktemp("cli_tools")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir):
-    """A 4-step char-level run with checkpoints at steps 2 and 4; its trainer holds the
-    final parameters to compare restored ones against."""
-    out = tmp_path_factory.mktemp("run")
-    config = load_config(ROOT / "configs/tiny.yaml", [
-        f"train.out_dir={out}", f"data.cache_dir={data_dir}", "train.progress=false",
-        "train.max_steps=4", "train.save_interval=2", "train.eval_interval=2",
-        "train.eval_steps=2", "train.sample_tokens=0"])
-    trainer = Trainer(config)
+def data_dir(base) -> Path:
+    data = base / "data"
+    data.mkdir()
+    return data
+
+
+@pytest.fixture(scope="module")
+def run(base, data_dir):
+    """A 4-step char-level run (its data in ``data_dir``) with checkpoints at steps 2
+    and 4; its trainer holds the final parameters to compare restored ones against."""
+    trainer = Trainer(tiny_config(base, "run", "train.max_steps=4", "train.save_interval=2",
+                                  "train.eval_interval=2", "train.eval_steps=2",
+                                  "train.sample_tokens=0"))
     trainer.run()
-    return out, trainer
+    return base / "run", trainer
 
 
 def assert_trees_equal(a, b) -> None:

@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from jaxgpt2.config import ConfigError, _coerce, _override_value, load_config
+from jaxgpt2.config import GPTConfig, _coerce, _override_value, load_config, resolve_auto
+from jaxgpt2.errors import ConfigError
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -118,3 +119,47 @@ def test_a_section_replaced_by_a_value_is_refused():
         load_config(None, ["model=gpt2", "model.n_layer=2"])
     cfg = load_config(None, ["model={n_layer: 2, n_head: 2}", "model.n_embd=32"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (2, 2, 32)
+
+
+def test_an_empty_config_file_is_refused_not_taken_as_every_default(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"config file '.*empty.yaml' is empty; write the "
+                                          r"settings there"):
+        load_config(tmp_path / "empty.yaml")
+
+
+def test_a_config_folder_is_refused_naming_a_file_to_use(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config '.*' is a folder; name a YAML file in it"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_head=0", r"model.n_head must be positive, got 0"),
+    ("train.out_dir=", r"train.out_dir is empty, which would write into the current folder"),
+    ("train.out_dir=  ", r"train.out_dir is empty"),
+])
+def test_values_that_crashed_or_wrote_in_place_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_a_choice_field_lists_its_allowed_values_declared_once():
+    with pytest.raises(ConfigError, match=r"model.remat='fulll' is not one of none, full, "
+                                          r"dots_saveable, .*; did you mean 'full'\?"):
+        load_config("configs/tiny.yaml", ["model.remat=fulll"])
+    with pytest.raises(ConfigError, match=r"train.best_direction='up' is not one of min, max"):
+        load_config("configs/tiny.yaml", ["train.best_direction=up"])
+
+
+def test_a_config_built_in_python_is_checked_against_the_same_choices():
+    with pytest.raises(ConfigError, match=r"model.attention='flash' is not one of auto, cudnn, xla"):
+        GPTConfig(attention="flash").validate()
+
+
+@pytest.mark.parametrize("platform, dtype, attention", [
+    ("cpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn"), ("tpu", "bfloat16", "xla")])
+def test_auto_is_decided_by_one_function_for_every_platform(platform, dtype, attention):
+    resolved = resolve_auto(GPTConfig(), platform)
+    assert (resolved.dtype, resolved.attention) == (dtype, attention)
+    # An explicit float32 on a GPU keeps XLA attention: cuDNN has no float32 kernel.
+    assert resolve_auto(GPTConfig(dtype="float32"), "gpu").attention == "xla"

@@ -317,3 +317,13 @@ def test_a_damaged_config_json_is_a_value_error_naming_the_file(tmp_path):
     config.write_text(config.read_text()[:20])
     with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
         load_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize("config", [GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2,
+                                              n_embd=32),
+                                    GPTConfig(n_layer=3, n_head=4, n_embd=8, block_size=32)])
+def test_the_hf_layout_is_the_models_own_parameter_tree(config):
+    """hf knows the layout without importing the model; this holds the two together."""
+    from jaxgpt2.hf import param_shapes
+    model_tree = jax.eval_shape(GPT(config).init_params, jax.random.PRNGKey(0))
+    assert jax.tree.map(lambda x: tuple(x.shape), model_tree) == param_shapes(config)

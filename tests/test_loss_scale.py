@@ -15,7 +15,7 @@ from jaxgpt2.optim import Optimizer, applied_updates, build_optimizer, learning_
 from jaxgpt2.step import create_train_state, make_train_step
 from jaxgpt2.errors import NonFiniteError
 from jaxgpt2.trainer import Trainer
-from test_resume import losses, make_config
+from runs import losses
 
 
 def _batch(seed=0, rows=4, T=16, vocab=100):
@@ -136,15 +136,15 @@ def test_a_non_finite_loss_is_a_real_failure_even_with_scale_above_one(fp16_mode
     assert float(m["loss_scale"]) == 512.0
 
 
-def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
+def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path, resume_config):
     fp16 = ("model.dtype=float16", "model.dropout=0.0", "optim.loss_scale_interval=4",
             "train.save_interval=6", "train.eval_interval=6")
-    straight = Trainer(make_config(tmp_path, "straight", "train.max_steps=12", *fp16))
+    straight = Trainer(resume_config("straight", "train.max_steps=12", *fp16))
     summary = straight.run()
     assert summary["train_loss"] < summary["first_loss"]
-    Trainer(make_config(tmp_path, "split", "train.max_steps=6", *fp16)).run()
-    second = Trainer(make_config(tmp_path, "split", "train.max_steps=12", "train.resume=true",
-                                 *fp16))
+    Trainer(resume_config("split", "train.max_steps=6", *fp16)).run()
+    second = Trainer(resume_config("split", "train.max_steps=12", "train.resume=true",
+                                   *fp16))
     assert float(second.state.loss_scale.scale) == 65536.0 * 2  # grew once in 6 steps
     second.run()
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
@@ -154,13 +154,13 @@ def test_float16_run_trains_logs_its_scale_and_resumes_exactly(tmp_path):
     assert len(scales) == 12 and scales[-1] > scales[0]  # grew every 4 good steps
 
 
-def test_a_checkpoint_moves_between_float16_and_float32(tmp_path):
+def test_a_checkpoint_moves_between_float16_and_float32(tmp_path, resume_config):
     """Also the logged lr after the move: it follows applied updates, and the float16
     run's overflow skips applied none."""
-    Trainer(make_config(tmp_path, "run", "train.max_steps=3", "train.save_interval=3",
-                        "model.dtype=float16", "optim.loss_scale=16777216")).run()
-    as32 = Trainer(make_config(tmp_path, "run", "train.max_steps=4", "train.resume=true",
-                               "model.dtype=float32"))
+    Trainer(resume_config("run", "train.max_steps=3", "train.save_interval=3",
+                          "model.dtype=float16", "optim.loss_scale=16777216")).run()
+    as32 = Trainer(resume_config("run", "train.max_steps=4", "train.resume=true",
+                                 "model.dtype=float32"))
     assert as32.state.loss_scale is None
     applied = int(applied_updates(as32.state.opt_state, as32.state.step))
     assert applied < 3, "2**24 should have overflowed at least once"
@@ -168,15 +168,15 @@ def test_a_checkpoint_moves_between_float16_and_float32(tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     lr_at_4 = [r["lr"] for r in logged if r["step"] == 4 and "lr" in r][-1]
     assert lr_at_4 == pytest.approx(float(as32.optimizer.schedule(applied)))
-    as16 = Trainer(make_config(tmp_path, "run", "train.max_steps=6", "train.resume=true",
-                               "model.dtype=float16", "optim.loss_scale=512"))
+    as16 = Trainer(resume_config("run", "train.max_steps=6", "train.resume=true",
+                                 "model.dtype=float16", "optim.loss_scale=512"))
     assert float(as16.state.loss_scale.scale) == 512.0
     assert as16.run()["step"] == 6
 
 
-def test_non_finite_gradients_at_scale_one_still_stop_the_run(tmp_path):
-    trainer = Trainer(make_config(tmp_path, "run", "train.max_steps=10", "model.dtype=float16",
-                                  "optim.loss_scale=1", "optim.max_consecutive_nonfinite=2",
-                                  "train.debug_nan_steps=[2,3]"))
+def test_non_finite_gradients_at_scale_one_still_stop_the_run(resume_config):
+    trainer = Trainer(resume_config("run", "train.max_steps=10", "model.dtype=float16",
+                                    "optim.loss_scale=1", "optim.max_consecutive_nonfinite=2",
+                                    "train.debug_nan_steps=[2,3]"))
     with pytest.raises(NonFiniteError, match="2 consecutive steps"):
         trainer.run()

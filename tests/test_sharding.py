@@ -20,23 +20,19 @@ import numpy as np
 import pytest
 
 from jaxgpt2.prepare import ensure_bundled
+from runs import ROOT, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("sharding_worker.py")
 STEPS, SAVED = 20, 10
 RTOL = 1e-5
 
 
 # -- running the worker --------------------------------------------------------------------
-def overrides(base: Path, name: str, *extra: str) -> list[str]:
-    return [f"train.out_dir={base / name}", f"data.cache_dir={base / 'data'}",
-            "train.progress=false", "train.sample_tokens=0", "train.eval_steps=1",
-            "train.log_interval=1", f"train.max_steps={STEPS}", f"train.eval_interval={STEPS}",
-            f"train.save_interval={STEPS}", *extra]
-
-
 def spec(base: Path, name: str, *extra: str) -> dict:
-    return {"name": name, "overrides": overrides(base, name, *extra)}
+    return {"name": name, "overrides": tiny_overrides(
+        base, name, "train.sample_tokens=0", "train.eval_steps=1", "train.log_interval=1",
+        f"train.max_steps={STEPS}", f"train.eval_interval={STEPS}",
+        f"train.save_interval={STEPS}", *extra)}
 
 
 def worker_env(base: Path, **extra: str) -> dict:

@@ -3,24 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from jaxgpt2.config import load_config
 from jaxgpt2.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(tmp_path, *extra):
-    return [f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}",
-            "train.progress=false", *extra]
+from runs import ROOT, checkpoint_steps, tiny_overrides
 
 
-def test_200_steps_lower_the_loss_well_below_its_start(tmp_path):
-    config = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(
-        tmp_path, "train.max_steps=200", "train.eval_interval=200", "train.eval_steps=4",
+def test_200_steps_lower_the_loss_well_below_its_start(run_config):
+    config = run_config(
+        "run", "train.max_steps=200", "train.eval_interval=200", "train.eval_steps=4",
         "model.n_embd=64", "data.batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=20",
-        "train.save_interval=200"))
+        "train.save_interval=200")
     summary = Trainer(config).run()
     assert summary["first_loss"] > 4.0  # about ln(65) at initialisation
     assert summary["train_loss"] < summary["first_loss"] - 1.3
@@ -39,7 +31,7 @@ def test_cli_writes_metrics_config_checkpoints_and_a_sample(tmp_path):
     assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec"} <= set(train_lines[0])
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
     assert (run / "config.yaml").exists()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "40"]
+    assert checkpoint_steps(run) == [20, 40]
 
 
 def test_cli_reports_a_config_typo_and_exits_non_zero(tmp_path):
