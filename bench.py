@@ -30,6 +30,7 @@ from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.prepare import bundled_corpus
 from jaxgpt2.step import create_train_state, make_train_step
+from jaxgpt2.summary import flops_per_token
 from jaxgpt2.tokenizer import GPT2Tokenizer
 
 VARIANTS = {
@@ -39,12 +40,6 @@ VARIANTS = {
     "loop_remat_full": dict(scan_layers=False, remat="full"),
     "loop_xla_attention": dict(scan_layers=False, attention="xla"),
 }
-
-
-def flops_per_token(cfg: GPTConfig) -> float:
-    n = (cfg.vocab_size * cfg.n_embd
-         + cfg.n_layer * (12 * cfg.n_embd ** 2 + 13 * cfg.n_embd) + 2 * cfg.n_embd)
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
 @functools.cache

@@ -10,7 +10,6 @@ switched on by its config field; the loop does not change.
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import math
 import netrc
@@ -81,8 +80,9 @@ class TensorBoardWriter:
     """
 
     def __init__(self, out_dir: Path, train: TrainConfig, start_step: int) -> None:
-        tensorboardx = importlib.import_module("tensorboardX")  # config checked it is there
-        self.writer = tensorboardx.SummaryWriter(str(out_dir / "tensorboard"),
+        import tensorboardX  # optional; the config checked it is installed
+
+        self.writer = tensorboardX.SummaryWriter(str(out_dir / "tensorboard"),
                                                  purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
@@ -105,7 +105,8 @@ class WandbWriter:
     W&B run (its id is kept in ``<out_dir>/wandb_id``)."""
 
     def __init__(self, out_dir: Path, train: TrainConfig, start_step: int) -> None:
-        wandb = importlib.import_module("wandb")  # config checked it is there
+        import wandb  # optional; the config checked it is installed
+
         id_file = out_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)

@@ -373,8 +373,3 @@ class GPT(nn.Module):
         """Write ``params`` as a Hugging Face GPT-2 folder (``jaxgpt2.hf.save_pretrained``)."""
         return hf.save_pretrained(self.config, params, path)
 
-
-def count_params(params: dict, exclude_positions: bool = True) -> int:
-    """Parameter count, by default without position embeddings (as GPT-2 papers count)."""
-    total = sum(x.size for x in jax.tree.leaves(params))
-    return total - (params["wpe"]["embedding"].size if exclude_positions else 0)

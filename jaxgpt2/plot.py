@@ -9,7 +9,6 @@ evaluation and at the end (``train.plot``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -43,11 +42,13 @@ def read_run(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], int]:
 
 def _pyplot():
     try:
-        matplotlib = importlib.import_module("matplotlib")
+        import matplotlib
     except ImportError:
         raise InputError("plotting needs matplotlib: pip install 'jaxgpt2[plot]'") from None
     matplotlib.use("Agg")  # files only, no display
-    return importlib.import_module("matplotlib.pyplot")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:

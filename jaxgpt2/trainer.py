@@ -236,11 +236,11 @@ class Trainer:
                                         self.gpt_config.block_size, tc.grad_accum, tc.seed,
                                         STREAMS["train"], *rows)
         self.evaluations = make_evaluations(EvalContext(
-            self.config, self.model, self.dataset, rows, self._place, self.state_sharding.params,
-            self.batch_sharding, self._replicated()))
+            self.config, self.model, self.dataset, rows, self.place_batch,
+            self.state_sharding.params, self.batch_sharding, self._replicated()))
         check_best_metric(tc.best_metric, [m for e in self.evaluations for m in e.metrics])
 
-    def _place(self, batch: dict) -> dict:
+    def place_batch(self, batch: dict) -> dict:
         return sharding.place_batch(batch, self.batch_sharding, self.config.data.batch_size)
 
     # -- the loop -----------------------------------------------------------------------
@@ -286,7 +286,7 @@ class TrainingRun:
         (t.out_dir / "config.yaml").write_text(yaml.safe_dump(t.resolved, sort_keys=False))
         for line in startup_lines(self.config, t.gpt_config, t.devices, t.mesh, t.state):
             say(line)
-        prefetch = Prefetcher(t.train_source, t._place, self.start, self.config.data.prefetch)
+        prefetch = Prefetcher(t.train_source, t.place_batch, self.start, self.config.data.prefetch)
         try:
             with stop_on_signals() as stop, t.phases.phase("steps"):
                 self._loop(prefetch, stop)
