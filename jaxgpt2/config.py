@@ -276,6 +276,12 @@ class TrainConfig:
     ``eval_sample_tokens`` > 0 samples that many tokens after ``sample_prompt`` at every
     evaluation into ``samples.txt``; ``plot`` redraws ``loss.png`` at every evaluation.
 
+    ``auto_batch`` splits the global batch (``data.batch_size * grad_accum`` rows, kept as
+    configured) into the largest micro-batch per device whose compiled step fits
+    ``auto_batch_fraction`` of the device's memory, or ``auto_batch_memory_gb`` GiB (an
+    explicit budget; the CPU reports no memory and needs one), and sets ``data.batch_size``
+    and ``grad_accum`` to that split (``jaxgpt2.auto_batch``).
+
     ``debug_nan_steps`` is for tests only: those steps get NaN gradients, so the
     non-finite guard can be exercised end to end.
     """
@@ -302,6 +308,9 @@ class TrainConfig:
     best_metric: str = "val_loss"
     best_direction: Direction = "min"
     hellaswag: str = ""
+    auto_batch: bool = False
+    auto_batch_memory_gb: float | None = None
+    auto_batch_fraction: float = 0.9
     debug_nan_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -320,7 +329,26 @@ class TrainConfig:
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir is empty, which would write into the current "
                               "folder; name the run's folder, e.g. train.out_dir=out/run1")
+        self._check_auto_batch()
         check_choices(self, "train")
+
+    def _check_auto_batch(self) -> None:
+        """The budget's fields in range, and set only where they apply (as optimizer
+        fields are: refused by name rather than silently ignored)."""
+        if self.auto_batch_memory_gb is not None and self.auto_batch_memory_gb <= 0:
+            raise ConfigError("train.auto_batch_memory_gb must be positive (GiB per device), "
+                              f"got {self.auto_batch_memory_gb}")
+        if not 0 < self.auto_batch_fraction <= 1:
+            raise ConfigError("train.auto_batch_fraction must be in (0, 1], got "
+                              f"{self.auto_batch_fraction}")
+        fraction_set = self.auto_batch_fraction != TrainConfig.auto_batch_fraction
+        if not self.auto_batch and (self.auto_batch_memory_gb is not None or fraction_set):
+            raise ConfigError("train.auto_batch_memory_gb and train.auto_batch_fraction apply "
+                              "only with train.auto_batch=true; set it or remove them")
+        if self.auto_batch_memory_gb is not None and fraction_set:
+            raise ConfigError("train.auto_batch_fraction is a share of the memory the device "
+                              "reports, and train.auto_batch_memory_gb replaces that; set one "
+                              "of them")
 
 
 @dataclass

@@ -45,7 +45,8 @@ def peak_flops(devices: list[jax.Device]) -> float | None:
     return peak * len(devices) if peak else None
 
 
-def _gib(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes for a reader: GiB from 128 MiB up, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
@@ -66,7 +67,7 @@ def startup_lines(config: Config, gpt: GPTConfig, devices: list[jax.Device],
         f"{flops_per_token(gpt) / 1e6:,.1f} MFLOPs/token (6N + 12LTC); compute {gpt.dtype}, "
         f"attention {gpt.attention}, remat {gpt.remat}",
         f"optimizer: {oc.name}, schedule {oc.schedule}; state in memory: parameters "
-        f"{_gib(state_bytes['params'])} + optimizer {_gib(state_bytes['opt_state'])} "
+        f"{size_text(state_bytes['params'])} + optimizer {size_text(state_bytes['opt_state'])} "
         "(float32, all devices)",
         f"batch: global {dc.batch_size * tc.grad_accum} = micro-batch {dc.batch_size // n_dev} "
         f"per device x {n_dev} devices x {tc.grad_accum} accumulation; {tokens:,} tokens/step; "
@@ -78,6 +79,6 @@ def startup_lines(config: Config, gpt: GPTConfig, devices: list[jax.Device],
 def memory_line(memory: Any, gpt: GPTConfig, config: Config) -> str:
     """One device's memory for the compiled train step (XLA's ``memory_analysis()``)."""
     per_device = config.data.batch_size // max(1, jax.device_count())
-    return (f"memory per device (XLA): arguments {_gib(memory.argument_size_in_bytes)}, "
-            f"activations and workspace {_gib(memory.temp_size_in_bytes)} at micro-batch "
+    return (f"memory per device (XLA): arguments {size_text(memory.argument_size_in_bytes)}, "
+            f"activations and workspace {size_text(memory.temp_size_in_bytes)} at micro-batch "
             f"{per_device}, remat {gpt.remat}")

@@ -14,13 +14,15 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import yaml
 
 from jaxgpt2 import sharding
+from jaxgpt2.auto_batch import (agreed_micro_batch, choice_line, choose_micro_batch,
+                                memory_budget, step_bytes)
 from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import Config, GPTConfig, TrainConfig, resolve_auto
 from jaxgpt2.data import STREAMS, BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
@@ -32,7 +34,7 @@ from jaxgpt2.metrics import PhaseTimes, Reporter, say
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.run_lock import RunLock
-from jaxgpt2.resume import choose_resume_step, resume, saved_model_config
+from jaxgpt2.resume import check_compatible, choose_resume_step, resume, saved_model_config
 from jaxgpt2.step import TrainState, create_train_state, make_train_step
 from jaxgpt2.summary import flops_per_token, memory_line, peak_flops, startup_lines
 from jaxgpt2.tokenizer import Tokenizer, encode_prompt
@@ -168,6 +170,11 @@ class Trainer:
         self.devices = sharding.select_devices(tc.device)
         self.mesh = sharding.make_mesh(config.mesh, self.devices)
         sharding.check_batch_divides(config.data.batch_size, self.mesh)
+        self.auto_batch_budget = None
+        if tc.auto_batch:  # decided before any file: the CPU reports no memory to share out
+            local = next(d for d in self.devices if d.process_index == jax.process_index())
+            self.auto_batch_budget = memory_budget(local, tc.auto_batch_fraction,
+                                                   tc.auto_batch_memory_gb)
         self.dataset = open_dataset(resolve_dataset_dir(config.data.dataset, config.data.cache_dir),
                                     min_tokens=config.model.block_size + 1)
         if tc.sample_tokens:
@@ -186,7 +193,8 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------
     def _set_up(self) -> None:
         """What is decided under the run folder's lock: resume (again: another run may
-        have saved since the check before the lock), model, state, step."""
+        have saved since the check before the lock), model, step, micro-batch
+        (``train.auto_batch``), state, batches."""
         config, tc = self.config, self.config.train
         self.resume_step = choose_resume_step(tc, self.out_dir)
         pretrained_config, pretrained_params = pretrained(config.model.init_from, self.out_dir,
@@ -194,26 +202,33 @@ class Trainer:
         self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
                                                pretrained_config)
         self.model = GPT(self.gpt_config)
-        self.resolved = resolved_config(config, self.gpt_config, self.dataset.meta["tokenizer"])
         self.optimizer = build_optimizer(config.optim, tc.max_steps)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=tc.keep,
                                          best_metric=tc.best_metric,
                                          best_direction=tc.best_direction)
-        self._build_state(pretrained_params)
-        self._build_step()
+        loss_scale = config.optim.loss_scale if self.gpt_config.dtype == "float16" else None
+        fresh = lambda params: create_train_state(params, self.optimizer, tc.seed, loss_scale)
+        self.abstract_state = jax.eval_shape(
+            lambda: fresh(self.model.init_params(jax.random.PRNGKey(tc.seed))))
+        self.state_sharding = self._state_sharding(self.abstract_state)
+        self._jit_step()
+        self.compiled_step, self.compile_seconds = None, 0.0
+        if tc.auto_batch:  # before the config is recorded, or checked against a checkpoint
+            self._choose_micro_batch()
+        self.resolved = resolved_config(self.config, self.gpt_config,
+                                        self.dataset.meta["tokenizer"])
+        self._build_state(fresh, loss_scale, pretrained_params)
+        self._build_batches()
 
-    def _build_state(self, pretrained_params: dict | None) -> None:
-        seed = self.config.train.seed
-        loss_scale = self.config.optim.loss_scale if self.gpt_config.dtype == "float16" else None
-        fresh = lambda params: create_train_state(params, self.optimizer, seed, loss_scale)
-        abstract = jax.eval_shape(lambda: fresh(self.model.init_params(jax.random.PRNGKey(seed))))
-        self.state_sharding = self._state_sharding(abstract)
+    def _build_state(self, fresh: Callable[[dict], TrainState], loss_scale: float | None,
+                     pretrained_params: dict | None) -> None:
         if self.resume_step is not None:
-            self.state = resume(self.checkpointer, self.resume_step, self.resolved, abstract,
-                                self._state_sharding, loss_scale, self._replicated())
+            self.state = resume(self.checkpointer, self.resume_step, self.resolved,
+                                self.abstract_state, self._state_sharding, loss_scale,
+                                self._replicated())
         else:
-            self.state = initial_state(self.model, fresh, seed, self.state_sharding,
-                                       pretrained_params)
+            self.state = initial_state(self.model, fresh, self.config.train.seed,
+                                       self.state_sharding, pretrained_params)
 
     def _state_sharding(self, abstract: TrainState) -> TrainState:
         shardings = sharding.state_shardings(abstract, self.mesh)
@@ -222,15 +237,55 @@ class Trainer:
     def _replicated(self) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-    def _build_step(self) -> None:
-        """The jitted train step, its batches, and the evaluations it is scored by."""
-        tc, dc = self.config.train, self.config.data
+    def _jit_step(self) -> None:
+        """The jitted train step; it compiles for a batch shape when first lowered."""
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        step_fn = make_train_step(self.model, self.optimizer, tc.debug_nan_steps,
+        step_fn = make_train_step(self.model, self.optimizer, self.config.train.debug_nan_steps,
                                   self.config.optim.loss_scale_interval)
         self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                                   out_shardings=(self.state_sharding, self._replicated()),
                                   donate_argnums=0)
+
+    def compile_step_at(self, micro_batch: int) -> Any:
+        """The train step compiled for ``micro_batch`` rows per device and the global batch
+        of the config (accumulation makes up the rest), from shapes alone: no state or
+        batch needs to exist yet."""
+        dc, n_devices = self.config.data, len(self.devices)
+        rows = dc.batch_size * self.config.train.grad_accum // n_devices
+        one_row = BatchSource(self.dataset.train, dc.mode, 1, self.gpt_config.block_size, 1,
+                              self.config.train.seed, STREAMS["train"])(0)  # its keys and dtypes
+        spec = {k: jax.ShapeDtypeStruct((rows // micro_batch, micro_batch * n_devices,
+                                         v.shape[-1]), v.dtype) for k, v in one_row.items()}
+        return self.train_step.lower(self.abstract_state, spec).compile()
+
+    def _choose_micro_batch(self) -> None:
+        """``train.auto_batch``: compile the step at candidate micro-batches, keep the
+        largest that fits the budget (and its compiled step), and make the config's split
+        that one (``jaxgpt2.auto_batch``)."""
+        config, tc, n_devices = self.config, self.config.train, len(self.devices)
+        if self.resume_step is not None:  # refused before the compiles, not after
+            check_compatible(self.checkpointer.read_meta(self.resume_step)["config"],
+                             resolved_config(config, self.gpt_config,
+                                             self.dataset.meta["tokenizer"]))
+        rows = config.data.batch_size * tc.grad_accum // n_devices
+        say("auto batch: compiling the train step to find the largest micro-batch that fits...")
+        began = time.perf_counter()
+        with self.phases.phase("compile"):
+            micro, compiled, tried = choose_micro_batch(self.compile_step_at, rows,
+                                                       self.auto_batch_budget)
+            agreed = agreed_micro_batch(micro)
+            if agreed != micro:  # another process fits less
+                micro, compiled = agreed, self.compile_step_at(agreed)
+                tried.append((agreed, step_bytes(compiled)))
+        self.compiled_step, self.compile_seconds = compiled, time.perf_counter() - began
+        self.config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, batch_size=micro * n_devices),
+            train=dataclasses.replace(tc, grad_accum=rows // micro))
+        say(choice_line(micro, n_devices, rows, self.auto_batch_budget, tried))
+
+    def _build_batches(self) -> None:
+        """The train step's batches, and the evaluations it is scored by."""
+        tc, dc = self.config.train, self.config.data
         rows = sharding.process_rows(dc.batch_size)
         self.train_source = BatchSource(self.dataset.train, dc.mode, dc.batch_size,
                                         self.gpt_config.block_size, tc.grad_accum, tc.seed,
@@ -342,20 +397,26 @@ class TrainingRun:
             self._read(*pending, force=True)
 
     def _compile(self, batch: dict) -> Callable:
-        """The train step compiled ahead of the first step, announced and timed, so that
-        compilation never counts towards the rate or the ETA, with XLA's memory analysis
-        for the start-up summary. A step function that is not a jitted one (tests wrap it
-        to record losses) compiles at its first call instead."""
-        step_fn, memory = self.trainer.train_step, None
-        say("compiling the train step...")
-        began = time.perf_counter()
-        with self.trainer.phases.phase("compile"):
-            if hasattr(step_fn, "lower"):
-                step_fn = step_fn.lower(self.trainer.state, batch).compile()
-                memory = step_fn.memory_analysis()
-        self.reporter.compiled(self.start, time.perf_counter() - began)
+        """The train step compiled ahead of the first step (or the one the auto batch
+        search compiled), announced and timed, so that compilation never counts towards
+        the rate or the ETA, with XLA's memory analysis for the start-up summary. A step
+        function that is not a jitted one (tests wrap it to record losses) compiles at its
+        first call instead."""
+        t = self.trainer
+        step_fn, seconds = t.train_step, t.compile_seconds
+        if hasattr(step_fn, "lower") and t.compiled_step is not None:
+            step_fn = t.compiled_step  # compiled by the auto batch search
+        else:
+            say("compiling the train step...")
+            began = time.perf_counter()
+            with t.phases.phase("compile"):
+                if hasattr(step_fn, "lower"):
+                    step_fn = step_fn.lower(t.state, batch).compile()
+            seconds = time.perf_counter() - began
+        self.reporter.compiled(self.start, seconds)
+        memory = step_fn.memory_analysis() if hasattr(step_fn, "memory_analysis") else None
         if memory is not None:
-            say(memory_line(memory, self.trainer.gpt_config, self.config))
+            say(memory_line(memory, t.gpt_config, self.config))
         return step_fn
 
     def _evaluate(self, step: int) -> dict[str, float]:
