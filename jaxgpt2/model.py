@@ -50,9 +50,54 @@ def _init(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
-def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> nn.Dense:
-    return nn.Dense(features, use_bias=config.bias, dtype=compute_dtype(config),
-                    param_dtype=jnp.float32, kernel_init=_init(std), name=name)
+@jax.custom_vjp
+def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` over the last axis of ``x``, as one 2-D product of all its rows.
+
+    Written with its own gradient, two 2-D products (``dx = g @ kernel.T``,
+    ``dkernel = x.T @ g``): autodiff of the 3-D product contracts over batch and time,
+    which XLA:CPU lowers to a transposed copy of the gradient fused into the GELU
+    backward, 2.4 ms of a 65 ms CPU step per layer (``docs/performance.md``, "Why the
+    code is shaped this way").
+    """
+    return _linear_fwd(x, kernel)[0]
+
+
+def _linear_fwd(x, kernel):
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.dot(rows, kernel).reshape(*x.shape[:-1], kernel.shape[-1]), (x, kernel)
+
+
+def _linear_bwd(residuals, g):
+    x, kernel = residuals
+    rows, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return jnp.dot(g, kernel.T).reshape(x.shape), jnp.dot(rows.T, g)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+class Dense(nn.Module):
+    """``nn.Dense``'s parameters (``kernel`` (in, out), optional ``bias``) applied by
+    ``linear``, in the compute dtype."""
+
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _init(self.std), (x.shape[-1], self.features), jnp.float32)
+        y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
+        if not self.use_bias:
+            return y
+        return y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                              jnp.float32).astype(self.dtype)
+
+
+def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> Dense:
+    return Dense(features, config.bias, compute_dtype(config), std, name=name)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
@@ -79,29 +124,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
            config: GPTConfig, dropout_rng: jax.Array | None) -> jax.Array:
     """Causal attention over (B, T, H, D) inputs, optionally with a (B, T) key padding mask.
 
-    With attention dropout active, the probabilities must be materialised, so that path
-    is written out; otherwise ``jax.nn.dot_product_attention`` picks cuDNN or XLA.
+    cuDNN's fused kernel where it is chosen and no dropout is asked for; otherwise the
+    attention written out (float32 scores and softmax, probabilities in the value dtype),
+    which on XLA:CPU is also faster than ``jax.nn.dot_product_attention``'s XLA path
+    (its softmax reduction alone cost 1 ms per layer of the CPU recipe's step).
     """
     mask = None if key_mask is None else padding_mask(key_mask)
-    if dropout_rng is None:
-        implementation, dtype = attention_implementation(config), q.dtype
-        if dtype == jnp.float16 and implementation == "xla":
-            # XLA:CPU has no float16 x float16 -> float32 product, which the XLA path
-            # uses; on a GPU float16 attention goes to cuDNN unless asked otherwise.
-            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                         implementation=implementation)
-        return y.astype(dtype)
+    if dropout_rng is None and attention_implementation(config) == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="cudnn")
     T = q.shape[1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if q.dtype == jnp.float16:  # XLA:CPU has no float16 x float16 -> float32 product
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]
     if mask is not None:
         allowed = allowed & mask
-    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - config.dropout), 0.0).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - config.dropout), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def attend_cached(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
@@ -148,7 +192,7 @@ class QKVProjection(nn.Module):
         outputs = []
         for part in range(3):
             columns = slice(part * C, (part + 1) * C)
-            y = jnp.dot(x, kernel[:, columns])
+            y = linear(x, kernel[:, columns])
             outputs.append(y if bias is None else y + bias[columns])
         return outputs
 

@@ -30,6 +30,7 @@ from jaxgpt2.errors import ConfigError, InputError, NonFiniteError, UserError
 from jaxgpt2.evaluation import EvalContext, make_evaluations
 from jaxgpt2.generate import generate
 from jaxgpt2.hf import load_pretrained
+from jaxgpt2.host_memory import keep_freed_memory
 from jaxgpt2.metrics import PhaseTimes, Reporter, say
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
@@ -160,6 +161,7 @@ class Trainer:
     def __init__(self, config: Config, phases: PhaseTimes | None = None) -> None:
         self.config = config
         self.phases = phases or PhaseTimes()
+        keep_freed_memory()  # before XLA allocates: see jaxgpt2.host_memory
         with self.phases.phase("set-up"):
             self._open(config)
 
