@@ -20,9 +20,9 @@ karpathy/nanoGPT) in a subprocess of this interpreter, per batch size, with the 
 block size, bias, compute dtype and random ids, alternating with ours so drift hits
 both, then prints ours/nanoGPT tokens per second. nanoGPT's bench.py hard-codes GPT-2
 124M's sizes and its own steps (10 burn-in, 20 timed, a host sync per step) and pads the
-vocabulary to 50304; only ``--preset gpt2`` compares. JAX preallocation is turned off
-for it (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) so PyTorch finds the GPU memory this
-process does not use; this process still keeps its own peak.
+vocabulary to 50304; only ``--preset gpt2`` compares. Each of our variants is then
+measured in a process of its own, with JAX's preallocation off
+(``XLA_PYTHON_CLIENT_PREALLOCATE=false``), so PyTorch finds the GPU memory free.
 
 MFU counts 6N + 12·L·T·d FLOPs per token (N: parameters without position embeddings,
 over the real vocabulary), against ``--peak_tflops`` (989 = H100 SXM dense bf16); the
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare_nanogpt", metavar="DIR",
                         help="also run DIR/bench.py (karpathy/nanoGPT) at the same settings")
     parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # see _bench_in_child
     return parser
 
 
@@ -266,11 +267,26 @@ def _measure_ours(args: argparse.Namespace, base: GPTConfig, batch: int,
     samples = []
     for name in args.variants.split(","):
         cfg = dataclasses.replace(base, **VARIANTS[name])
-        result = bench_variant(cfg, batch, args.steps, args.warmup, args.tokens)
+        if args.compare_nanogpt:
+            result = _bench_in_child(cfg, batch, args)
+        else:
+            result = bench_variant(cfg, batch, args.steps, args.warmup, args.tokens)
+            jax.clear_caches()
         samples.append({"program": "jaxgpt2", "variant": name, "batch_size": batch,
                         "repeat": repeat, **result})
-        jax.clear_caches()
     return samples
+
+
+def _bench_in_child(cfg: GPTConfig, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``bench_variant`` in a process of its own: JAX's allocator keeps the GPU memory it
+    took until its process ends, and nanoGPT's run, next, needs that memory."""
+    spec = {"cfg": dataclasses.asdict(cfg), "batch": batch, "steps": args.steps,
+            "warmup": args.warmup, "tokens": args.tokens}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"measuring {cfg} at batch {batch} failed: " + proc.stdout[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(args: argparse.Namespace, base: GPTConfig, folder: Path | None) -> list[dict]:
@@ -390,6 +406,12 @@ def check_args(args: argparse.Namespace) -> Path | None:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure, print, and return (and with ``--json`` write) every row."""
     args = build_parser().parse_args(argv)
+    if args.child:  # one variant for a comparing parent (_bench_in_child)
+        spec = json.loads(args.child)
+        result = bench_variant(GPTConfig(**spec["cfg"]), spec["batch"], spec["steps"],
+                               spec["warmup"], spec["tokens"])
+        print(json.dumps(result))
+        return result
     folder = check_args(args)
     base = base_config(args)
     samples = measure(args, base, folder)
