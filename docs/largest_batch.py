@@ -72,16 +72,15 @@ def main() -> None:
     args = parser.parse_args()
     budget = memory_budget(jax.devices()[0], args.fraction, None)
     print(f"{args.preset} on {jax.devices()[0].device_kind}: budget {size_text(budget)}")
-    rows = [measure(args.preset, r, args.rows, budget, args.steps) for r in args.remat]
     print("| remat | micro-batch | step needs | ms/step | tokens/s | MFU | search |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for remat in args.remat:  # each row as it is measured: an XL search takes minutes
+        r = measure(args.preset, remat, args.rows, budget, args.steps)
         needed = dict(r["tried"])[r["micro_batch"]]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"| {r['remat']} | {r['micro_batch']} | {size_text(needed)} | {r['ms']:.0f} | "
               f"{r['tokens_per_s']:,.0f} | {mfu} | {r['search_s']:.0f} s, tried "
-              + ", ".join(f"{m}: {size_text(b)}" for m, b in r["tried"]) + " |")
-
+              + ", ".join(f"{m}: {size_text(b)}" for m, b in r["tried"]) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
