@@ -18,12 +18,14 @@ near the budget: one far over it would only be thrown away.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxgpt2.config import Config
 from jaxgpt2.errors import ConfigError
 from jaxgpt2.summary import size_text
 
@@ -120,6 +122,28 @@ def agreed_micro_batch(micro_batch: int) -> int:
     if jax.process_count() == 1:
         return micro_batch
     return int(np.min(multihost_utils.process_allgather(np.asarray(micro_batch))))
+
+
+def choose_agreed_micro_batch(compile_at: Callable[[int], Any], global_rows_per_device: int,
+                              budget: int) -> tuple[int, Any, list[tuple[int, int]]]:
+    """``choose_micro_batch``, then the choice every process agrees on (recompiled here
+    when another process fits less)."""
+    micro, compiled, tried = choose_micro_batch(compile_at, global_rows_per_device, budget)
+    agreed = agreed_micro_batch(micro)
+    if agreed != micro:
+        compiled = compile_at(agreed)
+        tried.append((agreed, step_bytes(compiled)))
+    return agreed, compiled, tried
+
+
+def with_split(config: Config, micro_batch: int, n_devices: int,
+               global_rows_per_device: int) -> Config:
+    """The config with the chosen split: the same global batch, ``micro_batch`` rows per
+    device and accumulation for the rest."""
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, batch_size=micro_batch * n_devices),
+        train=dataclasses.replace(config.train,
+                                  grad_accum=global_rows_per_device // micro_batch))
 
 
 def choice_line(micro_batch: int, n_devices: int, global_rows_per_device: int, budget: int,

@@ -21,8 +21,8 @@ import numpy as np
 import yaml
 
 from jaxgpt2 import sharding
-from jaxgpt2.auto_batch import (agreed_micro_batch, choice_line, choose_micro_batch,
-                                memory_budget, step_bytes)
+from jaxgpt2.auto_batch import (choice_line, choose_agreed_micro_batch, memory_budget,
+                                with_split)
 from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import Config, GPTConfig, TrainConfig, resolve_auto
 from jaxgpt2.data import STREAMS, BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
@@ -261,9 +261,8 @@ class Trainer:
         return self.train_step.lower(self.abstract_state, spec).compile()
 
     def _choose_micro_batch(self) -> None:
-        """``train.auto_batch``: compile the step at candidate micro-batches, keep the
-        largest that fits the budget (and its compiled step), and make the config's split
-        that one (``jaxgpt2.auto_batch``)."""
+        """``train.auto_batch``: the largest micro-batch whose compiled step fits the budget
+        becomes the config's split, and its step is kept (``jaxgpt2.auto_batch``)."""
         config, tc, n_devices = self.config, self.config.train, len(self.devices)
         if self.resume_step is not None:  # refused before the compiles, not after
             check_compatible(self.checkpointer.read_meta(self.resume_step)["config"],
@@ -273,16 +272,10 @@ class Trainer:
         say("auto batch: compiling the train step to find the largest micro-batch that fits...")
         began = time.perf_counter()
         with self.phases.phase("compile"):
-            micro, compiled, tried = choose_micro_batch(self.compile_step_at, rows,
-                                                       self.auto_batch_budget)
-            agreed = agreed_micro_batch(micro)
-            if agreed != micro:  # another process fits less
-                micro, compiled = agreed, self.compile_step_at(agreed)
-                tried.append((agreed, step_bytes(compiled)))
+            micro, compiled, tried = choose_agreed_micro_batch(self.compile_step_at, rows,
+                                                              self.auto_batch_budget)
         self.compiled_step, self.compile_seconds = compiled, time.perf_counter() - began
-        self.config = dataclasses.replace(
-            config, data=dataclasses.replace(config.data, batch_size=micro * n_devices),
-            train=dataclasses.replace(tc, grad_accum=rows // micro))
+        self.config = with_split(config, micro, n_devices, rows)
         say(choice_line(micro, n_devices, rows, self.auto_batch_budget, tried))
 
     def _build_batches(self) -> None:
