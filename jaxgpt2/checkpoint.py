@@ -34,6 +34,16 @@ from jaxgpt2.errors import CheckpointError
 from jaxgpt2.step import TrainState
 
 
+def finished_steps(directory: str | Path) -> list[int]:
+    """The finished checkpoints' steps in ``directory``, from a listing alone. Opening a
+    ``CheckpointManager`` would do too, but it synchronises all processes, and this is
+    asked before they agree on anything: a process that saw the folder appear (made by
+    process 0) would enter a barrier the others never reach."""
+    if not Path(directory).is_dir():
+        return []
+    return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+
+
 class _DropOrbaxNoise(logging.Filter):
     """Drops orbax's log records that jaxgpt2 reports better itself: the "Given directory
     is read only" warning of every read-only open (the inference tools' intent, not news),

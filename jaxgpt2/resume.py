@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgpt2.checkpoint import Checkpointer
+from jaxgpt2.checkpoint import Checkpointer, finished_steps
 from jaxgpt2.config import GPTConfig, TrainConfig
 from jaxgpt2.errors import ConfigError
 from jaxgpt2.loss_scale import LossScale
@@ -38,15 +39,19 @@ _RESUME_FIELDS = ("resume", "resume_step")
 
 
 def existing_steps(out_dir: Path) -> list[int]:
-    """Finished checkpoints in ``out_dir``, read without creating or cleaning anything."""
-    directory = out_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    reader = Checkpointer(directory, read_only=True)
-    try:
-        return reader.steps()
-    finally:
-        reader.close()
+    """Finished checkpoints in ``out_dir``, read without creating, cleaning or waiting for
+    anything (see ``checkpoint.finished_steps``)."""
+    return finished_steps(out_dir / "checkpoints")
+
+
+def agreed_resume_step(step: int | None) -> int | None:
+    """Process 0's choice, on every process: each one lists the folder itself, and a
+    listing that lags on one host (a network file system's cache) must not make it
+    restore another step, or start fresh, while the others resume."""
+    if jax.process_count() == 1:
+        return step
+    chosen = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+    return None if chosen < 0 else chosen
 
 
 def choose_resume_step(train: TrainConfig, out_dir: Path) -> int | None:

@@ -35,7 +35,8 @@ from jaxgpt2.metrics import PhaseTimes, Reporter, say
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.run_lock import RunLock
-from jaxgpt2.resume import check_compatible, choose_resume_step, resume, saved_model_config
+from jaxgpt2.resume import (agreed_resume_step, check_compatible, choose_resume_step, resume,
+                            saved_model_config)
 from jaxgpt2.step import TrainState, create_train_state, make_train_step
 from jaxgpt2.summary import flops_per_token, memory_line, peak_flops, startup_lines
 from jaxgpt2.tokenizer import Tokenizer, encode_prompt
@@ -198,7 +199,7 @@ class Trainer:
         have saved since the check before the lock), model, step, micro-batch
         (``train.auto_batch``), state, batches."""
         config, tc = self.config, self.config.train
-        self.resume_step = choose_resume_step(tc, self.out_dir)
+        self.resume_step = agreed_resume_step(choose_resume_step(tc, self.out_dir))
         pretrained_config, pretrained_params = pretrained(config.model.init_from, self.out_dir,
                                                           self.resume_step)
         self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,

@@ -6,8 +6,10 @@ import signal
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src.multihost import multihost
 
 from jaxgpt2.errors import ConfigError, NonFiniteError
+from jaxgpt2.resume import existing_steps
 from jaxgpt2.trainer import Trainer
 from runs import checkpoint_steps, losses, train_process, wait_for_step
 
@@ -111,3 +113,19 @@ def test_retention_keeps_the_best_by_the_chosen_metric_and_direction(tmp_path, r
                           {"score": score, "val_loss": 9.0})
     checkpointer.wait()
     assert checkpointer.steps() == [kept, 4]  # the best, and the latest
+
+
+def test_listing_checkpoints_waits_for_no_other_process(tmp_path, resume_config, monkeypatch):
+    """Each process lists the folder before they agree on anything, and a process that
+    saw the folder appear must not enter a barrier the others never reach (a two-process
+    CI run once failed so)."""
+    Trainer(resume_config("run", "train.max_steps=4", "train.save_interval=2",
+                          "train.keep=5")).run()
+    (tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()  # unfinished
+
+    def no_barrier(*args, **kwargs):
+        raise AssertionError("existing_steps entered a cross-process barrier")
+
+    monkeypatch.setattr(multihost, "sync_global_processes", no_barrier)
+    assert existing_steps(tmp_path / "run") == [2, 4]
+    assert existing_steps(tmp_path / "elsewhere") == []
