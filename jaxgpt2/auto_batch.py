@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgpt2.config import Config
+from jaxgpt2.config import Config, TrainConfig
 from jaxgpt2.errors import ConfigError
 from jaxgpt2.summary import size_text
 
@@ -44,6 +44,14 @@ def memory_budget(device: jax.Device, fraction: float, override_gb: float | None
                           f"{device.platform} device does not report its memory; set "
                           "train.auto_batch_memory_gb=<GiB per device>")
     return int(limit * fraction)
+
+
+def auto_batch_budget(train: TrainConfig, devices: list[jax.Device]) -> int | None:
+    """This process's budget per device with ``train.auto_batch``, else None."""
+    if not train.auto_batch:
+        return None
+    local = next(d for d in devices if d.process_index == jax.process_index())
+    return memory_budget(local, train.auto_batch_fraction, train.auto_batch_memory_gb)
 
 
 def step_bytes(compiled: Any) -> int:

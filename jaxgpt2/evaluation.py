@@ -24,11 +24,15 @@ from jaxgpt2.step import make_eval_step
 
 
 class Evaluation(Protocol):
-    """Scores parameters; ``metrics`` names what ``__call__`` returns."""
+    """Scores parameters; ``metrics`` names what ``__call__`` returns. ``compile`` compiles
+    what ``__call__`` will run from the parameters' shapes (``jax.ShapeDtypeStruct``
+    leaves), ahead of the first evaluation (``jaxgpt2.ahead``)."""
 
     metrics: tuple[str, ...]
 
     def __call__(self, params: Any) -> dict[str, float]: ...
+
+    def compile(self, params: Any) -> None: ...
 
 
 @dataclass
@@ -63,6 +67,9 @@ class ValidationLoss:
     def __call__(self, params: Any) -> dict[str, float]:
         loss, _ = mean_loss(self.eval_step, params, self.source, self.batches, self.place)
         return {"val_loss": loss}
+
+    def compile(self, params: Any) -> None:
+        self.eval_step.lower(params, self.place(self.source(0))).compile()
 
 
 def validation_loss(ctx: EvalContext) -> ValidationLoss | None:

@@ -70,6 +70,33 @@ def generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
     has tokens (``model.vocab_size`` set above the data's), and those ids cannot be
     decoded.
     """
+    tokens, program = _program(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                               use_cache, vocab_limit)
+    if max_new_tokens == 0:
+        return tokens
+    new = _generate(model, params, jnp.asarray(tokens), jax.random.PRNGKey(seed), **program)
+    return np.concatenate([tokens, np.asarray(new, np.int32)], axis=1)
+
+
+def compile_generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
+                     temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, use_cache: bool = True,
+                     vocab_limit: int | None = None) -> None:
+    """Compile what ``generate`` with these arguments runs, from the parameters' shapes
+    (``jax.ShapeDtypeStruct`` leaves of host parameters), so that call finds it
+    compiled (``jaxgpt2.ahead``)."""
+    tokens, program = _program(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                               use_cache, vocab_limit)
+    if max_new_tokens:
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        _generate.lower(model, params, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), key,
+                        **program).compile()
+
+
+def _program(model: GPT, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, use_cache: bool,
+             vocab_limit: int | None) -> tuple[np.ndarray, dict]:
+    """The checked prompt, and ``_generate``'s static arguments."""
     tokens = _check_prompt(prompt_ids, model.config.vocab_size)
     top_k, top_p = _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if vocab_limit is not None and not 0 < vocab_limit <= model.config.vocab_size:
@@ -77,13 +104,11 @@ def generate(model: GPT, params, prompt_ids: np.ndarray, max_new_tokens: int,
                          f"vocabulary), got {vocab_limit}")
     if vocab_limit == model.config.vocab_size:
         vocab_limit = None  # one compiled program for "no limit"
-    if max_new_tokens == 0:
-        return tokens
     room = model.config.block_size - tokens.shape[1] + 1  # tokens the cache can produce
     n_cached = min(max_new_tokens, max(room, 0)) if use_cache else 0
-    new = _generate(model, params, jnp.asarray(tokens), jax.random.PRNGKey(seed),
-                    max_new_tokens, n_cached, float(temperature), top_k, top_p, vocab_limit)
-    return np.concatenate([tokens, np.asarray(new, np.int32)], axis=1)
+    return tokens, {"max_new_tokens": max_new_tokens, "n_cached": n_cached,
+                    "temperature": float(temperature), "top_k": top_k, "top_p": top_p,
+                    "vocab_limit": vocab_limit}
 
 
 def _check_prompt(prompt_ids: np.ndarray, vocab: int) -> np.ndarray:

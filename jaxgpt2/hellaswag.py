@@ -219,3 +219,13 @@ class HellaSwagEvaluation:
         scores = score(self.step, params, self.examples, self.block_size, self.batch_examples,
                        self.place)
         return {"hellaswag_acc": scores.acc, "hellaswag_acc_norm": scores.acc_norm}
+
+    def compile(self, params: Any) -> None:
+        """The scoring step for each batch length the examples pack to."""
+        lengths = set()
+        for start in range(0, len(self.examples), self.batch_examples):
+            batch = pack(self.examples[start:start + self.batch_examples], self.batch_examples,
+                         self.block_size)
+            if batch["input_ids"].shape[1] not in lengths:
+                lengths.add(batch["input_ids"].shape[1])
+                self.step.lower(params, self.place(batch)).compile()

@@ -21,14 +21,15 @@ import numpy as np
 import yaml
 
 from jaxgpt2 import sharding
-from jaxgpt2.auto_batch import (choice_line, choose_agreed_micro_batch, memory_budget,
+from jaxgpt2.ahead import CompileAhead
+from jaxgpt2.auto_batch import (auto_batch_budget, choice_line, choose_agreed_micro_batch,
                                 with_split)
 from jaxgpt2.checkpoint import Checkpointer
 from jaxgpt2.config import Config, GPTConfig, TrainConfig, resolve_auto
 from jaxgpt2.data import STREAMS, BatchSource, Dataset, Prefetcher, open_dataset, resolve_dataset_dir
 from jaxgpt2.errors import ConfigError, InputError, NonFiniteError, UserError
 from jaxgpt2.evaluation import EvalContext, make_evaluations
-from jaxgpt2.generate import generate
+from jaxgpt2.generate import compile_generate, generate
 from jaxgpt2.hf import load_pretrained
 from jaxgpt2.host_memory import keep_freed_memory
 from jaxgpt2.metrics import PhaseTimes, Reporter, say
@@ -40,6 +41,10 @@ from jaxgpt2.resume import (agreed_resume_step, check_compatible, choose_resume_
 from jaxgpt2.step import TrainState, create_train_state, make_train_step
 from jaxgpt2.summary import flops_per_token, memory_line, peak_flops, startup_lines
 from jaxgpt2.tokenizer import Tokenizer, encode_prompt
+
+
+# XLA options for a program that runs once: compiling fast beats running fast.
+RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 
 def resolve_model_config(config: Config, dataset: Dataset, platform: str,
@@ -112,17 +117,46 @@ def pretrained(init_from: str, out_dir: Path, resume_step: int | None
 
 
 def initial_state(model: GPT, fresh: Callable[[dict], TrainState], seed: int,
-                  shardings: TrainState, pretrained_params: dict | None) -> TrainState:
+                  shardings: TrainState, pretrained_params: dict | None,
+                  platform: str) -> TrainState:
     """A new run's state, made in its shardings: from the seed, or from ``model.init_from``'s
     weights (position embeddings cropped to ``block_size``), which enter the program as
-    an argument, never as constants baked into it."""
+    an argument, never as constants baked into it.
+
+    On the CPU the seeded program is compiled without XLA's backend optimisations: it
+    runs once, and its random draws for every parameter took 2.1 s to compile optimised
+    against 0.6 s (the CPU recipe; it then runs in 60 ms instead of 12).
+    """
     if pretrained_params is None:
-        init = lambda: fresh(model.init_params(jax.random.PRNGKey(seed)))
-        return jax.jit(init, out_shardings=shardings)()
+        init = jax.jit(lambda: fresh(model.init_params(jax.random.PRNGKey(seed))),
+                       out_shardings=shardings).lower()
+        return init.compile(compiler_options=RUN_ONCE if platform == "cpu" else None)()
     params = dict(pretrained_params)
     params["wpe"] = {"embedding": params["wpe"]["embedding"][: model.config.block_size]}
     params = jax.device_put(params, shardings.params)
     return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def batch_spec(config: Config, dataset: Dataset, block_size: int, n_devices: int,
+               micro_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The train step's batch as shapes: ``micro_batch`` rows per device, and as many
+    micro-batches as make up the config's global batch."""
+    rows = config.data.batch_size * config.train.grad_accum // n_devices
+    one_row = BatchSource(dataset.train, config.data.mode, 1, block_size, 1, config.train.seed,
+                          STREAMS["train"])(0)  # its keys and dtypes
+    return {k: jax.ShapeDtypeStruct((rows // micro_batch, micro_batch * n_devices, v.shape[-1]),
+                                    v.dtype) for k, v in one_row.items()}
+
+
+def compile_ahead(ahead: CompileAhead, evaluations: list, model: GPT, tokenizer: Tokenizer,
+                  train: TrainConfig, params: dict, shardings: dict) -> None:
+    """Queue the evaluations' and the samples' compiles behind the train step's, from
+    the parameters' shapes: placed as training holds them, and whole on the host."""
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          params, shardings)
+    ahead.start("evaluations", lambda: [e.compile(placed) for e in evaluations])
+    host = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    ahead.start("samples", lambda: compile_samples(model, host, tokenizer, train))
 
 
 def check_best_metric(best_metric: str, produced: list[str]) -> None:
@@ -173,11 +207,8 @@ class Trainer:
         self.devices = sharding.select_devices(tc.device)
         self.mesh = sharding.make_mesh(config.mesh, self.devices)
         sharding.check_batch_divides(config.data.batch_size, self.mesh)
-        self.auto_batch_budget = None
-        if tc.auto_batch:  # decided before any file: the CPU reports no memory to share out
-            local = next(d for d in self.devices if d.process_index == jax.process_index())
-            self.auto_batch_budget = memory_budget(local, tc.auto_batch_fraction,
-                                                   tc.auto_batch_memory_gb)
+        # decided before any file: the CPU reports no memory to share out
+        self.auto_batch_budget = auto_batch_budget(tc, self.devices)
         self.dataset = open_dataset(resolve_dataset_dir(config.data.dataset, config.data.cache_dir),
                                     min_tokens=config.model.block_size + 1)
         if tc.sample_tokens:
@@ -186,9 +217,11 @@ class Trainer:
         choose_resume_step(tc, self.out_dir)  # refused before the folder is made or locked
         check_writable(self.out_dir)
         self.lock = RunLock.acquire(self.out_dir)  # held until run() ends
+        self.ahead = CompileAhead()
         try:
             self._set_up()
         except BaseException:
+            self.ahead.cancel()
             self.lock.release()
             raise
         self.lock.record_holder()
@@ -215,9 +248,11 @@ class Trainer:
             lambda: fresh(self.model.init_params(jax.random.PRNGKey(tc.seed))))
         self.state_sharding = self._state_sharding(self.abstract_state)
         self._jit_step()
-        self.compiled_step, self.compile_seconds = None, 0.0
         if tc.auto_batch:  # before the config is recorded, or checked against a checkpoint
             self._choose_micro_batch()
+        else:  # on another core while the state is made (jaxgpt2.ahead)
+            micro_batch = config.data.batch_size // len(self.devices)
+            self.ahead.start("train_step", lambda: self.compile_step_at(micro_batch))
         self.resolved = resolved_config(self.config, self.gpt_config,
                                         self.dataset.meta["tokenizer"])
         self._build_state(fresh, loss_scale, pretrained_params)
@@ -231,7 +266,8 @@ class Trainer:
                                 self._replicated())
         else:
             self.state = initial_state(self.model, fresh, self.config.train.seed,
-                                       self.state_sharding, pretrained_params)
+                                       self.state_sharding, pretrained_params,
+                                       self.devices[0].platform)
 
     def _state_sharding(self, abstract: TrainState) -> TrainState:
         shardings = sharding.state_shardings(abstract, self.mesh)
@@ -253,12 +289,8 @@ class Trainer:
         """The train step compiled for ``micro_batch`` rows per device and the global batch
         of the config (accumulation makes up the rest), from shapes alone: no state or
         batch needs to exist yet."""
-        dc, n_devices = self.config.data, len(self.devices)
-        rows = dc.batch_size * self.config.train.grad_accum // n_devices
-        one_row = BatchSource(self.dataset.train, dc.mode, 1, self.gpt_config.block_size, 1,
-                              self.config.train.seed, STREAMS["train"])(0)  # its keys and dtypes
-        spec = {k: jax.ShapeDtypeStruct((rows // micro_batch, micro_batch * n_devices,
-                                         v.shape[-1]), v.dtype) for k, v in one_row.items()}
+        spec = batch_spec(self.config, self.dataset, self.gpt_config.block_size,
+                          len(self.devices), micro_batch)
         return self.train_step.lower(self.abstract_state, spec).compile()
 
     def _choose_micro_batch(self) -> None:
@@ -275,7 +307,7 @@ class Trainer:
         with self.phases.phase("compile"):
             micro, compiled, tried = choose_agreed_micro_batch(self.compile_step_at, rows,
                                                               self.auto_batch_budget)
-        self.compiled_step, self.compile_seconds = compiled, time.perf_counter() - began
+        self.ahead.finished("train_step", compiled, time.perf_counter() - began)
         self.config = with_split(config, micro, n_devices, rows)
         say(choice_line(micro, n_devices, rows, self.auto_batch_budget, tried))
 
@@ -290,6 +322,8 @@ class Trainer:
             self.config, self.model, self.dataset, rows, self.place_batch,
             self.state_sharding.params, self.batch_sharding, self._replicated()))
         check_best_metric(tc.best_metric, [m for e in self.evaluations for m in e.metrics])
+        compile_ahead(self.ahead, self.evaluations, self.model, self.dataset.tokenizer(), tc,
+                      self.abstract_state.params, self.state_sharding.params)
 
     def place_batch(self, batch: dict) -> dict:
         return sharding.place_batch(batch, self.batch_sharding, self.config.data.batch_size)
@@ -297,6 +331,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Every configured evaluation of the current parameters, by metric name."""
+        self.ahead.wait("evaluations")
         return {k: v for e in self.evaluations for k, v in e(self.state.params).items()}
 
     def save(self, metrics: dict[str, float] | None = None) -> None:
@@ -315,6 +350,7 @@ class Trainer:
     def sample(self) -> str:
         """A short sample from the trained model (printed at the end of a run)."""
         params = sharding.to_host(self.state.params)  # whole, even if split across hosts
+        self.ahead.wait("samples")
         return sample_text(self.model, params, self.dataset.tokenizer(), self.config.train)
 
 
@@ -364,7 +400,7 @@ class TrainingRun:
         step_fn = None
         while step < tc.max_steps:
             _, batch = prefetch.next()
-            step_fn = step_fn or self._compile(batch)
+            step_fn = step_fn or self._compile()
             t.state, metrics = step_fn(t.state, batch)
             t.checkpointer.check_for_errors()
             step += 1
@@ -392,28 +428,22 @@ class TrainingRun:
         if pending is not None:
             self._read(*pending, force=True)
 
-    def _compile(self, batch: dict) -> Callable:
-        """The train step compiled ahead of the first step (or the one the auto batch
-        search compiled), announced and timed, so that compilation never counts towards
-        the rate or the ETA, with XLA's memory analysis for the start-up summary. A step
-        function that is not a jitted one (tests wrap it to record losses) compiles at its
-        first call instead."""
+    def _compile(self) -> Callable:
+        """The train step compiled ahead (``jaxgpt2.ahead``, or by the auto batch search),
+        waited for and timed, so that compilation never counts towards the rate or the
+        ETA, with XLA's memory analysis for the start-up summary. A step function that is
+        not a jitted one (tests wrap it to record losses) is called as it is: the compile
+        ahead filled jit's cache for the step it wraps."""
         t = self.trainer
-        step_fn, seconds = t.train_step, t.compile_seconds
-        if hasattr(step_fn, "lower") and t.compiled_step is not None:
-            step_fn = t.compiled_step  # compiled by the auto batch search
-        else:
+        if not t.ahead.done("train_step"):
             say("compiling the train step...")
-            began = time.perf_counter()
-            with t.phases.phase("compile"):
-                if hasattr(step_fn, "lower"):
-                    step_fn = step_fn.lower(t.state, batch).compile()
-            seconds = time.perf_counter() - began
+        with t.phases.phase("compile"):
+            compiled, seconds = t.ahead.result("train_step")
         self.reporter.compiled(self.start, seconds)
-        memory = step_fn.memory_analysis() if hasattr(step_fn, "memory_analysis") else None
+        memory = compiled.memory_analysis()
         if memory is not None:
             say(memory_line(memory, t.gpt_config, self.config))
-        return step_fn
+        return compiled if hasattr(t.train_step, "lower") else t.train_step
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """The evaluations' metrics (returned), a sample when ``train.eval_sample_tokens``
@@ -424,6 +454,7 @@ class TrainingRun:
             self.reporter.evaluated(step, results)
         if tc.eval_sample_tokens:
             params = sharding.to_host(t.state.params)
+            t.ahead.wait("samples")
             self.reporter.sampled(step, [sample_text(t.model, params, t.dataset.tokenizer(),
                                                      tc, tc.eval_sample_tokens)])
         self.reporter.redraw_plot()
@@ -434,7 +465,20 @@ def sample_text(model: GPT, params: dict, tokenizer: Tokenizer, train: TrainConf
                 tokens: int | None = None) -> str:
     """``tokens`` (default ``train.sample_tokens``) tokens after ``train.sample_prompt``
     (temperature 0.8, top-k 200, seeded by ``train.seed``), prompt included."""
-    prompt = encode_prompt(tokenizer, train.sample_prompt)
-    ids = generate(model, params, np.asarray([prompt]), tokens or train.sample_tokens,
-                   temperature=0.8, top_k=200, seed=train.seed, vocab_limit=tokenizer.vocab_size)
+    prompt, sampling = _sampling(tokenizer, train, tokens or train.sample_tokens)
+    ids = generate(model, params, prompt, seed=train.seed, **sampling)
     return tokenizer.decode(ids[0].tolist())
+
+
+def compile_samples(model: GPT, params: dict, tokenizer: Tokenizer, train: TrainConfig) -> None:
+    """Compile the samples a run will draw (at the end, and at each evaluation), from the
+    host parameters' shapes (``jaxgpt2.ahead``)."""
+    for tokens in {train.sample_tokens, train.eval_sample_tokens} - {0}:
+        prompt, sampling = _sampling(tokenizer, train, tokens)
+        compile_generate(model, params, prompt, **sampling)
+
+
+def _sampling(tokenizer: Tokenizer, train: TrainConfig, tokens: int) -> tuple[np.ndarray, dict]:
+    prompt = encode_prompt(tokenizer, train.sample_prompt)
+    return np.asarray([prompt]), {"max_new_tokens": tokens, "temperature": 0.8, "top_k": 200,
+                                  "vocab_limit": tokenizer.vocab_size}
