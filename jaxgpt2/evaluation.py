@@ -2,9 +2,9 @@
 
 At every ``train.eval_interval`` the loop calls each configured evaluation with the
 current parameters and logs what it returns (``{"val_loss": 1.93}``). Adding one
-(HellaSwag, say) is a class with ``metrics`` and ``__call__``, plus an entry in
-``EVALUATIONS`` that builds it when its config field asks for it; the loop, the logs and
-checkpoint retention (``train.best_metric``) pick its metrics up by name.
+(HellaSwag, say) is a class with ``metrics``, ``__call__`` and ``compile``, plus an entry
+in ``EVALUATIONS`` that builds it when its config field asks for it; the loop, the logs
+and checkpoint retention (``train.best_metric``) pick its metrics up by name.
 """
 
 from __future__ import annotations

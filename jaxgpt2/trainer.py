@@ -217,7 +217,7 @@ class Trainer:
         choose_resume_step(tc, self.out_dir)  # refused before the folder is made or locked
         check_writable(self.out_dir)
         self.lock = RunLock.acquire(self.out_dir)  # held until run() ends
-        self.ahead = CompileAhead()
+        self.ahead = CompileAhead(background=self.devices[0].platform == "cpu")
         try:
             self._set_up()
         except BaseException:

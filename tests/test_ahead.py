@@ -36,8 +36,19 @@ def test_jobs_run_in_order_off_the_calling_thread():
     assert all(t is not threading.current_thread() for _, t in seen)
 
 
-def test_a_failed_job_raises_for_its_result_but_not_for_a_wait():
-    ahead = CompileAhead()
+def test_without_background_a_job_runs_on_the_callers_thread_when_first_waited_for():
+    ahead, seen = CompileAhead(background=False), []
+    ahead.start("job", lambda: seen.append(threading.current_thread()) or "value")
+    ahead.start("unused", lambda: seen.append("unused"))
+    assert seen == [] and not ahead.done("job")
+    assert ahead.result("job")[0] == "value"
+    ahead.wait("job")  # once only
+    assert seen == [threading.current_thread()] and ahead.done("job")
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_job_raises_for_its_result_but_not_for_a_wait(background):
+    ahead = CompileAhead(background)
     ahead.start("broken", lambda: 1 / 0)
     ahead.wait("broken")  # the call it warmed up compiles (and fails) on its own
     ahead.wait("never started")
