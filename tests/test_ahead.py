@@ -8,12 +8,16 @@ import threading
 import jax
 import pytest
 
+from jaxgpt2 import trainer as trainer_module
 from jaxgpt2.ahead import CompileAhead
 from jaxgpt2.trainer import Trainer
 from runs import tiny_config
 
 
-def test_the_steps_evaluations_and_samples_are_not_compiled_again(tmp_path, caplog):
+@pytest.mark.parametrize("background", [True, False])  # False: the path GPUs take
+def test_the_steps_evaluations_and_samples_are_not_compiled_again(tmp_path, caplog, monkeypatch,
+                                                                 background):
+    monkeypatch.setattr(trainer_module, "CompileAhead", lambda **_: CompileAhead(background))
     trainer = Trainer(tiny_config(tmp_path, "run", "train.max_steps=4", "train.eval_interval=2",
                                   "train.eval_steps=2", "train.sample_tokens=8",
                                   "train.eval_sample_tokens=4"))
