@@ -13,6 +13,7 @@ import dataclasses
 import signal
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -207,8 +208,7 @@ class Trainer:
         self.devices = sharding.select_devices(tc.device)
         self.mesh = sharding.make_mesh(config.mesh, self.devices)
         sharding.check_batch_divides(config.data.batch_size, self.mesh)
-        # decided before any file: the CPU reports no memory to share out
-        self.auto_batch_budget = auto_batch_budget(tc, self.devices)
+        self.auto_batch_budget = auto_batch_budget(tc, self.devices)  # refused before any file
         self.dataset = open_dataset(resolve_dataset_dir(config.data.dataset, config.data.cache_dir),
                                     min_tokens=config.model.block_size + 1)
         if tc.sample_tokens:
@@ -251,8 +251,8 @@ class Trainer:
         if tc.auto_batch:  # before the config is recorded, or checked against a checkpoint
             self._choose_micro_batch()
         else:  # on another core while the state is made (jaxgpt2.ahead)
-            micro_batch = config.data.batch_size // len(self.devices)
-            self.ahead.start("train_step", lambda: self.compile_step_at(micro_batch))
+            self.ahead.start("train_step", partial(self.compile_step_at,
+                                                   config.data.batch_size // len(self.devices)))
         self.resolved = resolved_config(self.config, self.gpt_config,
                                         self.dataset.meta["tokenizer"])
         self._build_state(fresh, loss_scale, pretrained_params)
@@ -286,9 +286,8 @@ class Trainer:
                                   donate_argnums=0)
 
     def compile_step_at(self, micro_batch: int) -> Any:
-        """The train step compiled for ``micro_batch`` rows per device and the global batch
-        of the config (accumulation makes up the rest), from shapes alone: no state or
-        batch needs to exist yet."""
+        """The train step compiled for ``micro_batch`` rows per device (accumulation makes
+        up the config's global batch), from shapes alone: no state or batch need exist."""
         spec = batch_spec(self.config, self.dataset, self.gpt_config.block_size,
                           len(self.devices), micro_batch)
         return self.train_step.lower(self.abstract_state, spec).compile()
@@ -347,11 +346,11 @@ class Trainer:
         """Train from the current step to ``train.max_steps``; returns a summary."""
         return TrainingRun(self).run()
 
-    def sample(self) -> str:
-        """A short sample from the trained model (printed at the end of a run)."""
+    def sample(self, tokens: int | None = None) -> str:
+        """A sample of the current model, ``tokens`` or ``train.sample_tokens`` long."""
         params = sharding.to_host(self.state.params)  # whole, even if split across hosts
         self.ahead.wait("samples")
-        return sample_text(self.model, params, self.dataset.tokenizer(), self.config.train)
+        return sample_text(self.model, params, self.dataset.tokenizer(), self.config.train, tokens)
 
 
 class TrainingRun:
@@ -453,10 +452,7 @@ class TrainingRun:
         if results:
             self.reporter.evaluated(step, results)
         if tc.eval_sample_tokens:
-            params = sharding.to_host(t.state.params)
-            t.ahead.wait("samples")
-            self.reporter.sampled(step, [sample_text(t.model, params, t.dataset.tokenizer(),
-                                                     tc, tc.eval_sample_tokens)])
+            self.reporter.sampled(step, [t.sample(tc.eval_sample_tokens)])
         self.reporter.redraw_plot()
         return results
 
