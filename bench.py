@@ -62,6 +62,7 @@ VARIANTS = {
     "loop_remat_dots": dict(scan_layers=False, remat="dots_with_no_batch_dims_saveable"),
     "loop_remat_full": dict(scan_layers=False, remat="full"),
     "loop_xla_attention": dict(scan_layers=False, attention="xla"),
+    "loop_xla_kernels": dict(scan_layers=False, kernels="xla"),
 }
 TINY = dict(n_layer=2, n_head=2, n_embd=64)  # --preset tiny: the CPU test's model
 

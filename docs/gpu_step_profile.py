@@ -1,11 +1,13 @@
 """Where the GPU train step's time goes: GPT-2 124M under ``jax.profiler``, kernels grouped.
 
-    python docs/gpu_step_profile.py [--batch_size 32] [--no-bias] [--steps 10] [--out DIR]
+    python docs/gpu_step_profile.py [--batch_size 32] [--no-bias] [--kernels auto|xla|pallas]
+                                    [--steps 10] [--out DIR]
 
 Every GPU kernel of the profiled steps is matched to the HLO instruction that launched
 it (XLA names a fusion's kernel after the fusion) and grouped by what it computes:
 matmuls, attention (cuDNN), layer norms, GELU, the loss, the optimizer, other
-elementwise work, each split into forward and backward. Prints ms per step per group,
+elementwise work, each split into forward and backward; the fused Pallas kernels
+(``model.kernels``) by their own names. Prints ms per step per group,
 the busiest kernels, and the step's wall time, so the distance to a target can be read
 off piece by piece.
 """
@@ -30,19 +32,21 @@ from jaxgpt2.step import create_train_state, make_train_step
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
+PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy")
 GROUPS = [("layer norm", re.compile(r"/ln_[12f]/|ln_f")),
-          ("loss", re.compile(r"token_nll|logsumexp|cross_entropy|_masked_f32")),
+          ("loss", re.compile(r"loss\.token_nll|head_nll|logsumexp|_masked_f32")),
           ("GELU", re.compile(r"/mlp/(tanh|mul|add|integer_pow|sub)")),
           ("attention (elementwise)", re.compile(r"/attn/")),
           ("embeddings", re.compile(r"wte|wpe|_embed")),
-          ("residual and other model", re.compile(r"padded_logits|hidden_states"))]
+          ("residual and other model", re.compile(r"token_nll|hidden_states"))]
 
 
-def profile(batch_size: int, bias: bool, steps: int, trace_dir: str) -> tuple[float, str]:
+def profile(batch_size: int, bias: bool, kernels: str, steps: int,
+            trace_dir: str) -> tuple[float, str]:
     """Compile GPT-2 124M's train step, time ``steps`` steps, then profile as many; returns
     ms per step and the optimized HLO text."""
     gpt = GPTConfig(**PRESETS["gpt2"], vocab_size=50257, block_size=1024, bias=bias,
-                    dtype="bfloat16", scan_layers=False)
+                    dtype="bfloat16", scan_layers=False, kernels=kernels)
     model = GPT(gpt)
     optimizer = build_optimizer(OptimConfig(), 1000)
     state = create_train_state(model.init_params(jax.random.PRNGKey(0)), optimizer, 0)
@@ -80,6 +84,8 @@ def instruction_names(hlo: str) -> dict[str, str]:
 def classify(kernel: str, op_name: str) -> str:
     """The group of one kernel, from its own name (library kernels) or its HLO origin."""
     direction = "bwd" if "transpose(jvp" in op_name else "fwd"
+    if PALLAS.search(kernel):
+        return f"Pallas {PALLAS.search(kernel).group(0)}"
     if ATTENTION.search(kernel):
         backward = re.search(r"bprop|bwd|dq|dot_do_o", kernel, re.I)
         return f"attention cuDNN {'bwd' if backward else 'fwd'}"
@@ -87,7 +93,7 @@ def classify(kernel: str, op_name: str) -> str:
         return "matmuls (cuBLAS/Triton, fwd and bwd)"  # library kernels name no HLO origin
     if not op_name:
         return "unmatched"
-    if "padded_logits" not in op_name:
+    if "token_nll" not in op_name:
         return "optimizer, clipping, metrics"
     for group, pattern in GROUPS:
         if pattern.search(op_name):
@@ -109,10 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--kernels", default="auto", choices=("auto", "xla", "pallas"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="/tmp/gpu_step_profile")
     args = parser.parse_args()
-    ms, hlo = profile(args.batch_size, args.bias, args.steps, args.out)
+    ms, hlo = profile(args.batch_size, args.bias, args.kernels, args.steps, args.out)
     names = instruction_names(hlo)
     groups, kernels = collections.Counter(), collections.Counter()
     for e in gpu_events(args.out):
@@ -121,7 +128,8 @@ def main() -> None:
         groups[classify(base, op_name)] += e["dur"]
         kernels[base] += e["dur"]
     per_step = lambda us: us / args.steps / 1e3
-    print(f"GPT-2 124M, batch {args.batch_size} x 1024, bias={args.bias}: {ms:.1f} ms/step wall, "
+    print(f"GPT-2 124M, batch {args.batch_size} x 1024, bias={args.bias}, "
+          f"kernels={args.kernels}: {ms:.1f} ms/step wall, "
           f"{per_step(sum(groups.values())):.1f} ms/step of GPU kernels")
     print("| group | ms/step |\n|---|---|")
     for group, us in groups.most_common():

@@ -25,6 +25,7 @@ from jaxgpt2.errors import ConfigError
 # (``_coerce``), errors list them, and the modules that act on them read them from here.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Attention = Literal["auto", "cudnn", "xla"]
+Kernels = Literal["auto", "pallas", "xla"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                       "save_attention_out"]
 DataMode = Literal["windows", "padded"]
@@ -58,6 +59,7 @@ class GPTConfig:
     remat: RematPolicy = "none"
     scan_layers: bool = True
     attention: Attention = "auto"
+    kernels: Kernels = "auto"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -77,10 +79,12 @@ class GPTConfig:
         check_choices(self, "model")
 
 
-def resolve_auto(config: GPTConfig, platform: str) -> GPTConfig:
+def resolve_auto(config: GPTConfig, platform: str, device_count: int = 1) -> GPTConfig:
     """``config`` with ``auto`` decided for ``platform`` (``jax.default_backend()``):
     bfloat16 compute on GPU/TPU and float32 on CPU; cuDNN flash attention on GPU for
-    16-bit compute (it has no float32 kernel), XLA's otherwise."""
+    16-bit compute (it has no float32 kernel), XLA's otherwise; the fused Pallas kernels
+    (``jaxgpt2.kernels``) for bfloat16 on one GPU, where they were measured to pay.
+    A kernel is one program per device, so more devices keep XLA's partitioned ops."""
     dtype = config.dtype
     if dtype == "auto":
         dtype = "bfloat16" if platform in ("gpu", "tpu") else "float32"
@@ -88,7 +92,11 @@ def resolve_auto(config: GPTConfig, platform: str) -> GPTConfig:
     if attention == "auto":
         sixteen_bit = dtype in ("bfloat16", "float16")
         attention = "cudnn" if platform == "gpu" and sixteen_bit else "xla"
-    return dataclasses.replace(config, dtype=dtype, attention=attention)
+    kernels = config.kernels
+    if kernels == "auto":
+        one_gpu = platform == "gpu" and device_count == 1
+        kernels = "pallas" if one_gpu and dtype == "bfloat16" else "xla"
+    return dataclasses.replace(config, dtype=dtype, attention=attention, kernels=kernels)
 
 
 PRESETS: dict[str, dict[str, int]] = {

@@ -27,7 +27,6 @@ import numpy as np
 
 from jaxgpt2.errors import InputError, NotFoundError
 from jaxgpt2.model import GPT
-from jaxgpt2.step import token_nll
 from jaxgpt2.tokenizer import GPT2Tokenizer
 
 ENDINGS = 4
@@ -161,8 +160,8 @@ def make_score_step(model: GPT) -> Callable:
     """``score_step(params, batch) -> (rows,)`` float32 summed loss of each row's ending."""
 
     def score_step(params: Any, batch: Batch) -> jax.Array:
-        logits = model.apply({"params": params}, batch["input_ids"], method=GPT.padded_logits)
-        nll = token_nll(logits, batch["targets"], model.config.vocab_size)
+        nll = model.apply({"params": params}, batch["input_ids"], batch["targets"],
+                          method=GPT.token_nll)
         return jnp.sum(nll * batch["loss_mask"], axis=-1)
 
     return score_step

@@ -64,8 +64,8 @@ def load(path: str | Path, dtype: str = "auto") -> Loaded:
     """Load a run folder, a step folder or a Hugging Face folder (see the module docstring).
 
     ``dtype`` is the compute dtype to run in (``auto``: bfloat16 on GPU/TPU, float32 on
-    CPU); the attention implementation is chosen again for this machine, so a run trained
-    with cuDNN attention on a GPU still opens on a CPU.
+    CPU); the attention implementation and the kernels are chosen again for this machine,
+    so a run trained with cuDNN attention and fused kernels on a GPU still opens on a CPU.
     """
     path = Path(path).absolute()  # orbax reads absolute paths only
     if (path / CONFIG_NAME).is_file():
@@ -73,8 +73,9 @@ def load(path: str | Path, dtype: str = "auto") -> Loaded:
     else:
         loaded = _load_run(path)
     loaded.config = resolve_auto(dataclasses.replace(loaded.config, dtype=dtype,
-                                                     attention="auto", remat="none"),
-                                 jax.default_backend())
+                                                     attention="auto", kernels="auto",
+                                                     remat="none"),
+                                 jax.default_backend(), jax.device_count())
     loaded.config.validate()
     return loaded
 

@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxgpt2 import hf
+from jaxgpt2 import hf, loss
 from jaxgpt2.config import PRESETS, GPTConfig, resolve_auto
+from jaxgpt2.kernels.cross_entropy import head_nll
+from jaxgpt2.kernels.layer_norm import layer_norm as kernel_layer_norm
 from jaxgpt2.remat import remat_block
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "compute_dtype"]
@@ -44,6 +46,11 @@ def compute_dtype(config: GPTConfig) -> jnp.dtype:
 def attention_implementation(config: GPTConfig) -> str:
     """``cudnn`` or ``xla`` (``auto`` decided by ``config.resolve_auto``)."""
     return resolve_auto(config, jax.default_backend()).attention
+
+
+def uses_kernels(config: GPTConfig) -> bool:
+    """Whether layer norms and the loss run as the fused Pallas kernels (``model.kernels``)."""
+    return resolve_auto(config, jax.default_backend(), jax.device_count()).kernels == "pallas"
 
 
 def _init(std: float) -> nn.initializers.Initializer:
@@ -100,7 +107,27 @@ def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> De
     return Dense(features, config.bias, compute_dtype(config), std, name=name)
 
 
-def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+class FusedLayerNorm(nn.Module):
+    """``nn.LayerNorm``'s parameters (``scale``, optional ``bias``, float32) applied by the
+    fused kernel (``jaxgpt2.kernels.layer_norm``), output in the compute dtype."""
+
+    use_bias: bool
+    dtype: jnp.dtype
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        C = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (C,), jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (C,), jnp.float32)
+                if self.use_bias else jnp.zeros((C,), jnp.float32))
+        y = kernel_layer_norm(x.reshape(-1, C), scale, bias, self.epsilon)
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+def _layer_norm(config: GPTConfig, name: str) -> nn.Module:
+    if uses_kernels(config):
+        return FusedLayerNorm(config.bias, compute_dtype(config), name=name)
     # Flax computes the statistics in float32 even for bfloat16 inputs.
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=compute_dtype(config),
                         param_dtype=jnp.float32, name=name)
@@ -355,12 +382,18 @@ class GPT(nn.Module):
                 x = run_block(x, jax.tree.map(lambda a: a[i], self.h), rngs[i])
         return self.ln_f(x)
 
-    def padded_logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      deterministic: bool = True) -> jax.Array:
-        """Logits over the padded vocabulary in the compute dtype (the training loss masks
-        the padded columns itself, which saves materialising a float32 copy)."""
+    def token_nll(self, input_ids: jax.Array, targets: jax.Array,
+                  attention_mask: jax.Array | None = None,
+                  deterministic: bool = True) -> jax.Array:
+        """Per-position negative log-likelihood (float32) of ``targets``: the fused head
+        and loss kernel with ``model.kernels`` on, XLA's loss over the logits otherwise."""
         x = self.hidden_states(input_ids, attention_mask, deterministic)
-        return self.wte.attend(x)  # weight tying: the output projection is wte
+        if not uses_kernels(self.config):
+            return loss.token_nll(self.wte.attend(x), targets, self.config.vocab_size)
+        rows = x.reshape(-1, x.shape[-1])
+        nll = head_nll(rows, self.wte.embedding.astype(x.dtype), targets.reshape(-1),
+                       self.config.vocab_size)
+        return nll.reshape(targets.shape)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits over the real vocabulary from final hidden states (tied head)."""

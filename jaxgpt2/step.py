@@ -13,7 +13,6 @@ step is skipped whole (parameters and optimizer state kept) while the scale halv
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt2.loss import masked_sum
 from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import Optimizer
@@ -47,57 +47,12 @@ def create_train_state(params: Any, optimizer: Optimizer, seed: int,
                       loss_scale=scale)
 
 
-def cross_entropy_sum(padded_logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                      vocab_size: int) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over real targets, and their count.
-
-    Logits may arrive in bfloat16; the log-sum-exp runs in float32 and the padded
-    vocabulary columns are excluded, so they are never predicted.
-    """
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(token_nll(padded_logits, targets, vocab_size) * mask), jnp.sum(mask)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def token_nll(padded_logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
-    """Per-position negative log-likelihood (float32) of ``targets``.
-
-    Written with its own gradient, ``softmax - onehot``, computed from the logits in
-    their own dtype: differentiating the float32 log-sum-exp instead would keep a float32
-    copy of all the logits for the backward pass (``docs/performance.md``, "Why the code
-    is shaped this way").
-    """
-    return _token_nll_fwd(padded_logits, targets, vocab_size)[0]
-
-
-def _masked_f32(padded_logits: jax.Array, vocab_size: int) -> jax.Array:
-    columns = jnp.arange(padded_logits.shape[-1])
-    return jnp.where(columns < vocab_size, padded_logits.astype(jnp.float32), -jnp.inf)
-
-
-def _token_nll_fwd(padded_logits, targets, vocab_size):
-    log_z = jax.nn.logsumexp(_masked_f32(padded_logits, vocab_size), axis=-1)
-    target_logit = jnp.take_along_axis(padded_logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit.astype(jnp.float32), (padded_logits, targets, log_z)
-
-
-def _token_nll_bwd(vocab_size, residuals, g):
-    padded_logits, targets, log_z = residuals
-    probs = jnp.exp(_masked_f32(padded_logits, vocab_size) - log_z[..., None])
-    onehot = jnp.arange(padded_logits.shape[-1]) == targets[..., None]
-    d_logits = (probs - onehot) * g[..., None]
-    return d_logits.astype(padded_logits.dtype), None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
 def _loss_sum(model: GPT, params, batch: dict, rng: jax.Array | None):
     deterministic = rng is None
-    logits = model.apply({"params": params}, batch["input_ids"], batch.get("attention_mask"),
-                         deterministic, method=GPT.padded_logits,
-                         rngs=None if deterministic else {"dropout": rng})
-    return cross_entropy_sum(logits, batch["targets"], batch["loss_mask"], model.config.vocab_size)
+    nll = model.apply({"params": params}, batch["input_ids"], batch["targets"],
+                      batch.get("attention_mask"), deterministic, method=GPT.token_nll,
+                      rngs=None if deterministic else {"dropout": rng})
+    return masked_sum(nll, batch["loss_mask"])
 
 
 def make_train_step(model: GPT, optimizer: Optimizer, debug_nan_steps: Sequence[int] = (),

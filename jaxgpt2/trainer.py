@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -48,7 +48,7 @@ from jaxgpt2.tokenizer import Tokenizer, encode_prompt
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 
-def resolve_model_config(config: Config, dataset: Dataset, platform: str,
+def resolve_model_config(config: Config, dataset: Dataset, devices: Sequence[jax.Device],
                          pretrained: GPTConfig | None = None) -> GPTConfig:
     """The model's config with ``null``/``auto`` values decided by the data and devices.
 
@@ -70,7 +70,7 @@ def resolve_model_config(config: Config, dataset: Dataset, platform: str,
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the dataset's "
                           f"vocabulary ({dataset.vocab_size}, from {dataset.path}/meta.json); "
                           "set model.vocab_size to null to take it from the data")
-    gpt = resolve_auto(gpt, platform)
+    gpt = resolve_auto(gpt, devices[0].platform, len(devices))
     gpt.validate()
     return gpt
 
@@ -235,7 +235,7 @@ class Trainer:
         self.resume_step = agreed_resume_step(choose_resume_step(tc, self.out_dir))
         pretrained_config, pretrained_params = pretrained(config.model.init_from, self.out_dir,
                                                           self.resume_step)
-        self.gpt_config = resolve_model_config(config, self.dataset, self.devices[0].platform,
+        self.gpt_config = resolve_model_config(config, self.dataset, self.devices,
                                                pretrained_config)
         self.model = GPT(self.gpt_config)
         self.optimizer = build_optimizer(config.optim, tc.max_steps)

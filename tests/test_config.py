@@ -156,10 +156,14 @@ def test_a_config_built_in_python_is_checked_against_the_same_choices():
         GPTConfig(attention="flash").validate()
 
 
-@pytest.mark.parametrize("platform, dtype, attention", [
-    ("cpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn"), ("tpu", "bfloat16", "xla")])
-def test_auto_is_decided_by_one_function_for_every_platform(platform, dtype, attention):
+@pytest.mark.parametrize("platform, dtype, attention, kernels", [
+    ("cpu", "float32", "xla", "xla"), ("gpu", "bfloat16", "cudnn", "pallas"),
+    ("tpu", "bfloat16", "xla", "xla")])
+def test_auto_is_decided_by_one_function_for_every_platform(platform, dtype, attention, kernels):
     resolved = resolve_auto(GPTConfig(), platform)
-    assert (resolved.dtype, resolved.attention) == (dtype, attention)
+    assert (resolved.dtype, resolved.attention, resolved.kernels) == (dtype, attention, kernels)
     # An explicit float32 on a GPU keeps XLA attention: cuDNN has no float32 kernel.
     assert resolve_auto(GPTConfig(dtype="float32"), "gpu").attention == "xla"
+    # The fused kernels are one program per device: several GPUs keep XLA's ops.
+    assert resolve_auto(GPTConfig(), "gpu", device_count=2).kernels == "xla"
+    assert resolve_auto(GPTConfig(dtype="float16"), "gpu").kernels == "xla"

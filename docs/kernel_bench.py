@@ -1,0 +1,91 @@
+"""The fused kernels alone against XLA's ops, at GPT-2 124M's training shapes (GPU).
+
+    python docs/kernel_bench.py [--rows 32768] [--tune]
+
+Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16,
+and the tied head with its loss (forward + backward: the three matmuls and the loss) on
+(rows, 768) hidden states and the (50304, 768) embedding, XLA against the kernel.
+``--tune`` also times the kernels' tile settings (rows per program, warps, chunk width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.loss import token_nll
+
+
+def timed(fn, *args, repeats: int = 30) -> float:
+    """Mean ms per call after a compile and a warm-up call."""
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    began = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - began) / repeats * 1e3
+
+
+def layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
+    s, b = jnp.ones(768), jnp.zeros(768)
+    flax_ln = lambda x, s, b: nn.LayerNorm(dtype=jnp.bfloat16).apply(
+        {"params": {"scale": s, "bias": b}}, x)
+    ours = lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5)
+    both = lambda f: lambda x, s, b, dy: jax.vjp(f, x, s, b)[1](dy)
+    return [(name, timed(f, x, s, b), timed(both(f), x, s, b, dy))
+            for name, f in (("XLA", flax_ln), ("kernel", ours))]
+
+
+def head_rows(rows: int) -> list[tuple[str, float, float]]:
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
+    e = jnp.asarray(rng.normal(0, 0.05, (50304, 768)), jnp.bfloat16)
+    t = jnp.asarray(rng.integers(0, 50257, rows), jnp.int32)
+    plain = lambda h, e: token_nll(jnp.dot(h, e.T), t, 50257)
+    fused = lambda h, e: cross_entropy.head_nll(h, e, t, 50257)
+    grads = lambda f: jax.grad(lambda h, e: jnp.sum(f(h, e)), (0, 1))
+    return [(name, timed(f, h, e), timed(grads(f), h, e))
+            for name, f in (("XLA", plain), ("kernel", fused))]
+
+
+def tune(rows: int) -> None:
+    for fwd_rows, bwd_rows, warps in itertools.product((2, 4, 8), (8, 16, 32), (4, 8)):
+        layer_norm.FORWARD_ROWS, layer_norm.BACKWARD_ROWS, layer_norm.WARPS = fwd_rows, bwd_rows, warps
+        _, fwd, both = layer_norm_rows(rows)[1]
+        print(f"layer norm rows fwd {fwd_rows} bwd {bwd_rows} warps {warps}: "
+              f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
+    for chunk, warps in itertools.product((1024, 2048, 4096), (4, 8, 16)):
+        cross_entropy.CHUNK, cross_entropy.WARPS = chunk, warps
+        _, fwd, both = head_rows(rows)[1]
+        print(f"head chunk {chunk} warps {warps}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=32 * 1024)
+    parser.add_argument("--tune", action="store_true")
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, rows {args.rows}")
+    print("| op | path | forward ms | forward + backward ms |\n|---|---|---|---|")
+    for op, results in (("layer norm (x, 768)", layer_norm_rows(args.rows)),
+                        ("head + loss", head_rows(args.rows))):
+        for name, fwd, both in results:
+            print(f"| {op} | {name} | {fwd:.3f} | {both:.3f} |")
+    if args.tune:
+        tune(args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Cross-entropy over the vocabulary in one kernel: per-row loss and, for training, the
+logits' gradient, written in the same launch.
+
+XLA's loss reads the logits three times (the row maxima, the sum of exponentials, then
+``softmax - onehot`` in the backward pass) and writes their gradient. This kernel keeps
+a running maximum and sum per lane while it reads a row once, then reads the row again
+(mostly from L2, right after the first read) to write ``softmax - onehot``. The
+per-position cotangent is applied by ``head_nll``'s backward pass to the two much smaller
+matmul results, so the gradient never needs another pass over the logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxgpt2.kernels import interpret
+
+CHUNK = 2048  # columns read at a time
+WARPS = 8
+_FLOOR = -1e30  # a finite "minus infinity": lanes that saw no real column stay finite
+
+
+def _kernel(logits_ref, targets_ref, nll_ref, *grad_ref, vocab_size: int):
+    row = pl.program_id(0)
+    width = logits_ref.shape[1]
+    chunks = pl.cdiv(width, CHUNK)
+    target = plgpu.load(targets_ref.at[pl.ds(row, 1)])
+
+    def read(i):
+        cols = i * CHUNK + jnp.arange(CHUNK)
+        real = cols < vocab_size
+        x = plgpu.load(logits_ref.at[row, cols], mask=real, other=0.0).astype(jnp.float32)
+        return cols, real, jnp.where(real, x, _FLOOR)
+
+    def accumulate(i, carry):
+        running_max, running_sum, target_logit = carry
+        cols, real, x = read(i)
+        new_max = jnp.maximum(running_max, x)
+        fresh = jnp.where(real, jnp.exp(x - new_max), 0.0)
+        running_sum = running_sum * jnp.exp(running_max - new_max) + fresh
+        target_logit += jnp.where(cols == target, x, 0.0)
+        return new_max, running_sum, target_logit
+
+    lane = jnp.full((CHUNK,), _FLOOR, jnp.float32)
+    zeros = jnp.zeros((CHUNK,), jnp.float32)
+    lane_max, lane_sum, target_logit = jax.lax.fori_loop(0, chunks, accumulate,
+                                                        (lane, zeros, zeros))
+    row_max = jnp.max(lane_max)
+    log_z = row_max + jnp.log(jnp.sum(lane_sum * jnp.exp(lane_max - row_max)))
+    plgpu.store(nll_ref.at[pl.ds(row, 1)], (log_z - jnp.sum(target_logit))[None])
+    if not grad_ref:
+        return
+
+    @pl.loop(0, chunks)
+    def _(i):
+        cols, real, x = read(i)
+        grad = jnp.where(real, jnp.exp(x - log_z), 0.0) - (cols == target).astype(jnp.float32)
+        plgpu.store(grad_ref[0].at[row, cols], grad.astype(grad_ref[0].dtype), mask=cols < width)
+
+
+def nll(logits: jax.Array, targets: jax.Array, vocab_size: int,
+        with_grad: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Per-row negative log-likelihood (float32) of ``targets`` under (rows, padded
+    vocabulary) ``logits``, the columns from ``vocab_size`` on excluded; with ``with_grad``
+    also ``softmax - onehot`` in the logits' dtype (zero in the excluded columns)."""
+    rows = logits.shape[0]
+    out_shape = [jax.ShapeDtypeStruct((rows,), jnp.float32)]
+    if with_grad:
+        out_shape.append(jax.ShapeDtypeStruct(logits.shape, logits.dtype))
+    result = pl.pallas_call(
+        functools.partial(_kernel, vocab_size=vocab_size), grid=(rows,), out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS), interpret=interpret(),
+        name="cross_entropy")(logits, targets.astype(jnp.int32))
+    return tuple(result) if with_grad else result[0]
+
+
+def _project(hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(hidden, embedding, (((1,), (1,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def head_nll(hidden: jax.Array, embedding: jax.Array, targets: jax.Array,
+             vocab_size: int) -> jax.Array:
+    """Per-row loss of the tied output head: ``nll(hidden @ embedding.T, targets)`` for
+    (rows, C) ``hidden`` and (padded vocabulary, C) ``embedding`` in the compute dtype.
+
+    Its backward pass scales ``grad @ embedding`` and ``hidden`` by each row's cotangent
+    instead of the (rows, vocabulary) gradient, so no pass over the logits is left for it.
+    """
+    return nll(_project(hidden, embedding), targets, vocab_size, with_grad=False)
+
+
+def _head_nll_fwd(hidden, embedding, targets, vocab_size):
+    loss, grad = nll(_project(hidden, embedding), targets, vocab_size, with_grad=True)
+    return loss, (hidden, embedding, grad)
+
+
+def _head_nll_bwd(vocab_size, residuals, g):
+    hidden, embedding, grad = residuals
+    d_hidden = jnp.dot(grad, embedding, preferred_element_type=jnp.float32) * g[:, None]
+    weighted = (hidden.astype(jnp.float32) * g[:, None]).astype(hidden.dtype)
+    d_embedding = jax.lax.dot_general(grad, weighted, (((0,), (0,)), ((), ())))
+    return d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype), None
+
+
+head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)

@@ -1,0 +1,107 @@
+"""Layer norm forward and backward as one kernel each (statistics in float32).
+
+XLA computes a layer norm in several passes (mean, variance, normalise; in the backward
+pass the row sums, the input gradient and two column reductions for the scale and bias
+gradients). Here the forward reads each row once and writes the output and the row's
+mean and inverse deviation; the backward reads each row of the input and its output
+gradient once, writes the input gradient, and leaves one partial column sum per block of
+rows for the scale and bias gradients, summed afterwards (a few hundred rows).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxgpt2.kernels import interpret, lanes
+
+FORWARD_ROWS = 4  # rows per program
+BACKWARD_ROWS = 16
+WARPS = 4
+
+
+def _tile(ref_rows: int, width: int, rows: int):
+    """Indices and masks of program ``i``'s ``rows`` x ``lanes(width)`` tile."""
+    r = pl.program_id(0) * rows + jnp.arange(rows)
+    c = jnp.arange(lanes(width))
+    row_ok, col_ok = r < ref_rows, c < width
+    return r, c, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float):
+    n, width = x_ref.shape
+    r, c, row_ok, col_ok, ok = _tile(n, width, FORWARD_ROWS)
+    x = plgpu.load(x_ref.at[r[:, None], c[None, :]], mask=ok, other=0.0).astype(jnp.float32)
+    mean = jnp.sum(x, axis=1) / width
+    centred = jnp.where(ok, x - mean[:, None], 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
+    scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
+    bias = plgpu.load(bias_ref.at[c], mask=col_ok, other=0.0)
+    y = centred * rstd[:, None] * scale[None, :] + bias[None, :]
+    plgpu.store(y_ref.at[r[:, None], c[None, :]], y.astype(y_ref.dtype), mask=ok)
+    plgpu.store(mean_ref.at[r], mean, mask=row_ok)
+    plgpu.store(rstd_ref.at[r], rstd, mask=row_ok)
+
+
+def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref,
+                     dbias_ref):
+    n, width = x_ref.shape
+    r, c, row_ok, col_ok, ok = _tile(n, width, BACKWARD_ROWS)
+    at = (r[:, None], c[None, :])
+    x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
+    rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
+    scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
+    x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    scaled_dy = dy * scale[None, :]
+    mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
+    mean_dy = jnp.sum(scaled_dy, axis=1) / width
+    dx = (scaled_dy - x_hat * mean_dot[:, None] - mean_dy[:, None]) * rstd[:, None]
+    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
+    block = pl.program_id(0)
+    plgpu.store(dscale_ref.at[block, c], jnp.sum(dy * x_hat, axis=0), mask=col_ok)
+    plgpu.store(dbias_ref.at[block, c], jnp.sum(dy, axis=0), mask=col_ok)
+
+
+def _forward(x, scale, bias, eps):
+    n, width = x.shape
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, eps=eps), grid=(pl.cdiv(n, FORWARD_ROWS),),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), f32),
+                   jax.ShapeDtypeStruct((n,), f32)],
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS), interpret=interpret(),
+        name="layer_norm_forward")(x, scale.astype(f32), bias.astype(f32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """Layer norm over the last axis of ``x`` (rows, width), output in ``x``'s dtype."""
+    return _forward(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    y, mean, rstd = _forward(x, scale, bias, eps)
+    return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    x, mean, rstd, scale, bias = residuals
+    n, width = x.shape
+    blocks = pl.cdiv(n, BACKWARD_ROWS)
+    partial_sums = jax.ShapeDtypeStruct((blocks, width), jnp.float32)
+    dx, dscale, dbias = pl.pallas_call(
+        _backward_kernel, grid=(blocks,),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), partial_sums, partial_sums],
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS), interpret=interpret(),
+        name="layer_norm_backward")(x, dy, mean, rstd, scale.astype(jnp.float32))
+    return (dx, jnp.sum(dscale, axis=0).astype(scale.dtype),
+            jnp.sum(dbias, axis=0).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

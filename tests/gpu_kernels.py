@@ -1,0 +1,113 @@
+"""The fused kernels on a GPU: ``python tests/gpu_kernels.py`` on a CUDA machine.
+
+Not collected by pytest (CI has no GPU); ``tests/test_kernels.py`` runs the same kernels
+through Pallas's interpreter on the CPU. Here they compile through Triton at GPT-2 124M's
+shapes in bfloat16 and are compared with XLA's ops computed in float32 from the same
+bfloat16 inputs, and XLA's own bfloat16 path is measured the same way, so each kernel's
+error reads against the error of the path it replaces. Then a short training run of both
+paths from the same start: their losses step by step. Prints one line per check and exits
+non-zero if a kernel's error exceeds twice XLA's (plus a small floor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
+from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.loss import token_nll
+from jaxgpt2.model import GPT
+from jaxgpt2.optim import build_optimizer
+from jaxgpt2.step import create_train_state, make_train_step
+
+
+def relative_error(a, b) -> float:
+    a, b = (np.asarray(jnp.asarray(t, jnp.float32), np.float64) for t in (a, b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def grads_of(fn, args, weights):
+    total = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights)
+    return jax.jit(jax.value_and_grad(total, argnums=tuple(range(len(args)))))(*args)
+
+
+def check(name: str, fused, xla_low, exact, args, low_args) -> bool:
+    """Errors of the kernel and of XLA's bfloat16 path against XLA in float32."""
+    shape = jax.eval_shape(exact, *args).shape
+    weights = jax.random.normal(jax.random.PRNGKey(1), shape)
+    wide = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+    ref = grads_of(exact, wide, weights)
+    ok = True
+    for label, fn, a in (("kernel", fused, args), ("XLA bf16", xla_low, low_args)):
+        got = grads_of(fn, a, weights)
+        errors = [relative_error(g, r) for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+        print(f"{name:12s} {label:9s} value/grad relative errors: "
+              + " ".join(f"{e:.2e}" for e in errors))
+        if label == "kernel":
+            kernel_errors = errors
+        else:
+            ok = all(k <= 2 * x + 1e-4 for k, x in zip(kernel_errors, errors))
+    return ok
+
+
+def check_layer_norm(rows: int, width: int) -> bool:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(0.5, 2.0, (rows, width)), jnp.bfloat16)
+    scale = jnp.asarray(rng.normal(1.0, 0.2, width), jnp.float32)
+    bias = jnp.asarray(rng.normal(0.0, 0.2, width), jnp.float32)
+    flax_ln = lambda dtype: lambda x, s, b: nn.LayerNorm(dtype=dtype).apply(
+        {"params": {"scale": s, "bias": b}}, x)
+    return check("layer norm", lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5),
+                 flax_ln(jnp.bfloat16), flax_ln(jnp.float32), (x, scale, bias), (x, scale, bias))
+
+
+def check_head(rows: int, width: int, vocab: int, padded: int) -> bool:
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(0, 1.0, (rows, width)), jnp.bfloat16)
+    embedding = jnp.asarray(rng.normal(0, 0.05, (padded, width)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, vocab, rows), jnp.int32)
+    fused = lambda h, e: cross_entropy.head_nll(h, e, targets, vocab)
+    plain = lambda h, e: token_nll(jnp.dot(h, e.T), targets, vocab)
+    return check("head + loss", fused, plain, plain, (hidden, embedding), (hidden, embedding))
+
+
+def compare_training(steps: int = 8) -> bool:
+    """GPT-2 124M from one start, both paths, the same batches: per-step losses."""
+    gpt = GPTConfig(**PRESETS["gpt2"], vocab_size=50257, block_size=1024, dtype="bfloat16",
+                    scan_layers=False)
+    tx = build_optimizer(OptimConfig(warmup_steps=2), 100)
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, 50257, (1, 8, 1025)).astype(np.int32) for _ in range(steps)]
+    losses = {}
+    for kernels in ("xla", "pallas"):
+        model = GPT(dataclasses.replace(gpt, kernels=kernels))
+        state = create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0)
+        step = jax.jit(make_train_step(model, tx))
+        losses[kernels] = []
+        for ids in batches:
+            state, metrics = step(state, {"input_ids": ids[..., :-1], "targets": ids[..., 1:],
+                                          "loss_mask": np.ones((1, 8, 1024), np.float32)})
+            losses[kernels].append(float(metrics["loss"]))
+    gaps = np.abs(np.subtract(losses["pallas"], losses["xla"]))
+    print("training losses, xla:   ", " ".join(f"{v:.4f}" for v in losses["xla"]))
+    print("training losses, pallas:", " ".join(f"{v:.4f}" for v in losses["pallas"]))
+    print(f"largest per-step gap: {gaps.max():.4f}")
+    return bool(gaps.max() < 0.02)
+
+
+def main() -> int:
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    results = [check_layer_norm(32 * 1024, 768), check_layer_norm(4099, 1600),
+               check_head(8192, 768, 50257, 50304), compare_training()]
+    print("all within bounds" if all(results) else f"FAILED: {results}")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The fused Pallas kernels (``model.kernels=pallas``) against XLA's ops, through Pallas's
+interpreter on the CPU: the same kernel code a GPU compiles through Triton. The GPU run of
+the same comparisons is ``tests/gpu_kernels.py``."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.loss import token_nll
+from jaxgpt2.model import GPT
+from jaxgpt2.step import create_train_state, make_train_step
+from jaxgpt2.optim import build_optimizer
+from jaxgpt2.config import OptimConfig
+
+
+def _value_and_grads(fn, *args):
+    weights = jax.random.normal(jax.random.PRNGKey(9), jax.eval_shape(fn, *args).shape)
+    total = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights)
+    return jax.jit(jax.value_and_grad(total, argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize("rows, width", [(37, 96), (16, 768), (5, 130)])
+def test_layer_norm_matches_flax_forward_and_gradients(rows, width):
+    """Row counts that do not fill the last block and widths that are not a power of two
+    (the kernel masks both), statistics in float32, gradients for input, scale and bias."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.normal(1.0, 3.0, (rows, width)), jnp.float32)
+    scale = jnp.asarray(rng.normal(1.0, 0.2, width), jnp.float32)
+    bias = jnp.asarray(rng.normal(0.0, 0.2, width), jnp.float32)
+    flax_ln = lambda x, s, b: nn.LayerNorm(epsilon=1e-5).apply({"params": {"scale": s, "bias": b}}, x)
+    ours = _value_and_grads(lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5), x, scale, bias)
+    ref = _value_and_grads(flax_ln, x, scale, bias)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_layer_norm_keeps_bfloat16_inputs_in_their_dtype():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64)), jnp.bfloat16)
+    y, grad = jax.value_and_grad(lambda x: jnp.sum(layer_norm.layer_norm(
+        x, jnp.ones(64), jnp.zeros(64), 1e-5).astype(jnp.float32) ** 2))(x)
+    assert grad.dtype == jnp.bfloat16
+    ref = nn.LayerNorm(dtype=jnp.bfloat16).apply({"params": {"scale": jnp.ones(64),
+                                                             "bias": jnp.zeros(64)}}, x)
+    np.testing.assert_allclose(layer_norm.layer_norm(x, jnp.ones(64), jnp.zeros(64), 1e-5)
+                               .astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
+
+
+def test_head_loss_matches_xla_loss_and_gradients():
+    """The fused head and loss against ``hidden @ embedding.T`` then XLA's loss: a padded
+    vocabulary (the last columns never scored), rows weighted by arbitrary cotangents and
+    masked rows (weight 0) that must pass no gradient."""
+    rng = np.random.default_rng(0)
+    rows, C, vocab, padded = 13, 32, 3000, 3072
+    hidden = jnp.asarray(rng.normal(size=(rows, C)), jnp.float32)
+    embedding = jnp.asarray(rng.normal(size=(padded, C)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab, rows), jnp.int32)
+    fused = lambda h, e: cross_entropy.head_nll(h, e, targets, vocab)
+    plain = lambda h, e: token_nll(h @ e.T, targets, vocab)
+    np.testing.assert_allclose(jax.jit(fused)(hidden, embedding),
+                               jax.jit(plain)(hidden, embedding), rtol=1e-5)
+    weights = jnp.asarray(rng.normal(size=rows), jnp.float32).at[3].set(0.0)
+    grads = lambda f: jax.jit(jax.grad(lambda h, e: jnp.sum(f(h, e) * weights), (0, 1)))(
+        hidden, embedding)
+    ours, ref = grads(fused), grads(plain)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not np.any(ours[0][3]), "a masked row passed a gradient"
+    assert not np.any(ours[1][vocab:]), "a padded vocabulary row got a gradient"
+
+
+def test_loss_kernel_ignores_huge_logits_in_padded_columns():
+    logits = jnp.zeros((2, 256)).at[:, 200:].set(1e4)
+    loss, grad = cross_entropy.nll(logits, jnp.asarray([0, 199]), 200, with_grad=True)
+    np.testing.assert_allclose(loss, np.log(200.0), rtol=1e-6)
+    assert not np.any(grad[:, 200:])
+
+
+def test_model_with_kernels_trains_like_the_xla_model(small_config):
+    """A whole train step with the fused kernels equals XLA's: the same parameters (the
+    fused layer norm keeps nn.LayerNorm's names) give the same loss and updates."""
+    configs = [dataclasses.replace(small_config, kernels=k, bias=b)
+               for b in (True, False) for k in ("xla", "pallas")]
+    tx = build_optimizer(OptimConfig(warmup_steps=1), 10)
+    ids = np.random.default_rng(1).integers(0, 100, (1, 3, 17)).astype(np.int32)
+    mask = np.ones((1, 3, 16), np.float32)
+    mask[0, 2, 9:] = 0
+    batch = {"input_ids": ids[..., :-1], "targets": ids[..., 1:], "loss_mask": mask}
+    results = []
+    for cfg in configs:
+        model = GPT(cfg)
+        state = create_train_state(GPT(dataclasses.replace(cfg, kernels="xla")).init_params(
+            jax.random.PRNGKey(0)), tx, 0)
+        results.append(jax.jit(make_train_step(model, tx))(state, batch))
+    for (xla_state, xla_metrics), (state, metrics) in (results[0:2], results[2:4]):
+        np.testing.assert_allclose(metrics["loss"], xla_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], xla_metrics["grad_norm"], rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(xla_state.params)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
