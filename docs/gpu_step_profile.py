@@ -32,10 +32,10 @@ from jaxgpt2.step import create_train_state, make_train_step
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
-PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy")
+PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy|bias_gelu_backward")
 GROUPS = [("layer norm", re.compile(r"/ln_[12f]/|ln_f")),
           ("loss", re.compile(r"loss\.token_nll|head_nll|logsumexp|_masked_f32")),
-          ("GELU", re.compile(r"/mlp/(tanh|mul|add|integer_pow|sub)")),
+          ("GELU", re.compile(r"/mlp/(c_fc/)?(tanh|mul|add|integer_pow|sub|bias_gelu)")),
           ("attention (elementwise)", re.compile(r"/attn/")),
           ("embeddings", re.compile(r"wte|wpe|_embed")),
           ("residual and other model", re.compile(r"token_nll|hidden_states"))]

@@ -2,10 +2,11 @@
 
     python docs/kernel_bench.py [--rows 32768] [--tune]
 
-Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16,
-and the tied head with its loss (forward + backward: the three matmuls and the loss) on
-(rows, 768) hidden states and the (50304, 768) embedding, XLA against the kernel.
-``--tune`` also times the kernels' tile settings (rows per program, warps, chunk width).
+Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16;
+the MLP's bias and GELU, forward and forward + backward on (rows, 3072); and the tied
+head with its loss (forward + backward: the three matmuls and the loss) on (rows, 768)
+hidden states and the (50304, 768) embedding: XLA against the kernel. ``--tune`` also
+times the kernels' tile settings (rows per program and per loop step, warps, widths).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.kernels import bias_gelu, cross_entropy, layer_norm
 from jaxgpt2.loss import token_nll
 
 
@@ -48,6 +49,17 @@ def layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
             for name, f in (("XLA", flax_ln), ("kernel", ours))]
 
 
+def bias_gelu_rows(rows: int) -> list[tuple[str, float, float]]:
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(rows, 3072)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(rows, 3072)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=3072), jnp.bfloat16)
+    plain = lambda h, b: jax.nn.gelu(h + b, approximate=True)
+    both = lambda f: lambda h, b, dy: jax.vjp(f, h, b)[1](dy)
+    return [(name, timed(f, h, b), timed(both(f), h, b, dy))
+            for name, f in (("XLA", plain), ("kernel", bias_gelu.bias_gelu))]
+
+
 def head_rows(rows: int) -> list[tuple[str, float, float]]:
     rng = np.random.default_rng(1)
     h = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
@@ -61,11 +73,20 @@ def head_rows(rows: int) -> list[tuple[str, float, float]]:
 
 
 def tune(rows: int) -> None:
-    for fwd_rows, bwd_rows, warps in itertools.product((2, 4, 8), (8, 16, 32), (4, 8)):
-        layer_norm.FORWARD_ROWS, layer_norm.BACKWARD_ROWS, layer_norm.WARPS = fwd_rows, bwd_rows, warps
+    for tile, strip, warps in itertools.product((2, 4, 8), (16, 32, 64, 128), (4, 8)):
+        layer_norm.TILE_ROWS, layer_norm.STRIP_ROWS, layer_norm.BACKWARD_WARPS = tile, strip, warps
         _, fwd, both = layer_norm_rows(rows)[1]
-        print(f"layer norm rows fwd {fwd_rows} bwd {bwd_rows} warps {warps}: "
+        print(f"layer norm backward tile {tile} strip {strip} warps {warps}: "
               f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
+    settings = [(4, 64, 512, 4), (8, 64, 512, 4), (8, 64, 512, 8), (8, 128, 512, 4),
+                (8, 32, 512, 4), (4, 64, 1024, 4), (4, 64, 1024, 8), (16, 64, 256, 4),
+                (8, 64, 256, 4), (2, 64, 1024, 4)]
+    for tile, strip, columns, warps in settings:
+        (bias_gelu.TILE_ROWS, bias_gelu.STRIP_ROWS, bias_gelu.COLUMNS,
+         bias_gelu.WARPS) = tile, strip, columns, warps
+        _, fwd, both = bias_gelu_rows(rows)[1]
+        print(f"bias GELU tile {tile} strip {strip} columns {columns} warps {warps}: "
+              f"fwd+bwd {both:.3f} ms")
     for chunk, warps in itertools.product((1024, 2048, 4096), (4, 8, 16)):
         cross_entropy.CHUNK, cross_entropy.WARPS = chunk, warps
         _, fwd, both = head_rows(rows)[1]
@@ -80,6 +101,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, rows {args.rows}")
     print("| op | path | forward ms | forward + backward ms |\n|---|---|---|---|")
     for op, results in (("layer norm (x, 768)", layer_norm_rows(args.rows)),
+                        ("bias + GELU (x, 3072)", bias_gelu_rows(args.rows)),
                         ("head + loss", head_rows(args.rows))):
         for name, fwd, both in results:
             print(f"| {op} | {name} | {fwd:.3f} | {both:.3f} |")

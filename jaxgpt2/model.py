@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt2 import hf, loss
 from jaxgpt2.config import PRESETS, GPTConfig, resolve_auto
+from jaxgpt2.kernels.bias_gelu import bias_gelu
 from jaxgpt2.kernels.cross_entropy import head_nll
 from jaxgpt2.kernels.layer_norm import layer_norm as kernel_layer_norm
 from jaxgpt2.remat import remat_block
@@ -86,25 +87,35 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 
 class Dense(nn.Module):
     """``nn.Dense``'s parameters (``kernel`` (in, out), optional ``bias``) applied by
-    ``linear``, in the compute dtype."""
+    ``linear``, in the compute dtype; with ``gelu``, followed by GPT-2's GELU (with
+    ``fused``, bias and GELU through ``jaxgpt2.kernels.bias_gelu``)."""
 
     features: int
     use_bias: bool
     dtype: jnp.dtype
     std: float = 0.02
+    gelu: bool = False
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _init(self.std), (x.shape[-1], self.features), jnp.float32)
         y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
-        if not self.use_bias:
-            return y
-        return y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                               jnp.float32).astype(self.dtype)
+            if self.gelu and self.fused:
+                rows = y.reshape(-1, self.features)
+                return bias_gelu(rows, bias).reshape(y.shape)
+            y = y + bias
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return nn.gelu(y, approximate=True) if self.gelu else y
 
 
-def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> Dense:
-    return Dense(features, config.bias, compute_dtype(config), std, name=name)
+def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02,
+           gelu: bool = False) -> Dense:
+    return Dense(features, config.bias, compute_dtype(config), std, gelu,
+                 uses_kernels(config), name=name)
 
 
 class FusedLayerNorm(nn.Module):
@@ -264,8 +275,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        x = _dense(cfg, 4 * cfg.n_embd, "c_fc")(x)
-        x = nn.gelu(x, approximate=True)  # GPT-2's "gelu_new" is the tanh approximation
+        x = _dense(cfg, 4 * cfg.n_embd, "c_fc", gelu=True)(x)
         x = _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 

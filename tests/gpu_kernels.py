@@ -18,9 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
-from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.kernels import bias_gelu, cross_entropy, layer_norm
 from jaxgpt2.loss import token_nll
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
@@ -67,6 +69,14 @@ def check_layer_norm(rows: int, width: int) -> bool:
                  flax_ln(jnp.bfloat16), flax_ln(jnp.float32), (x, scale, bias), (x, scale, bias))
 
 
+def check_bias_gelu(rows: int, width: int) -> bool:
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(0, 1.5, (rows, width)), jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(0, 0.3, width), jnp.bfloat16)
+    plain = lambda h, b: jax.nn.gelu(h + b, approximate=True)
+    return check("bias + GELU", bias_gelu.bias_gelu, plain, plain, (h, bias), (h, bias))
+
+
 def check_head(rows: int, width: int, vocab: int, padded: int) -> bool:
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(0, 1.0, (rows, width)), jnp.bfloat16)
@@ -75,6 +85,23 @@ def check_head(rows: int, width: int, vocab: int, padded: int) -> bool:
     fused = lambda h, e: cross_entropy.head_nll(h, e, targets, vocab)
     plain = lambda h, e: token_nll(jnp.dot(h, e.T), targets, vocab)
     return check("head + loss", fused, plain, plain, (hidden, embedding), (hidden, embedding))
+
+
+def check_rounding() -> bool:
+    """Whether a kernel's float32 -> bfloat16 cast rounds as XLA's does (to nearest even):
+    a cast toward zero would bias every stored activation."""
+    def kernel(x_ref, y_ref):
+        i = pl.program_id(0) * 1024 + jnp.arange(1024)
+        plgpu.store(y_ref.at[i], plgpu.load(x_ref.at[i]).astype(jnp.bfloat16))
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=1 << 20), jnp.float32)
+    ours = pl.pallas_call(kernel, grid=(1024,), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.bfloat16))(x)
+    ours, xla = np.asarray(ours, np.float32), np.asarray(x.astype(jnp.bfloat16), np.float32)
+    differ = ours != xla
+    toward_zero = np.mean(np.abs(ours[differ]) < np.abs(xla[differ])) if differ.any() else 0.0
+    print(f"float32 -> bfloat16 in a kernel: {differ.mean():.4f} of values differ from XLA's; "
+          f"of those, {toward_zero:.2f} toward zero")
+    return not differ.any()
 
 
 def compare_training(steps: int = 8) -> bool:
@@ -103,8 +130,9 @@ def compare_training(steps: int = 8) -> bool:
 
 def main() -> int:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    results = [check_layer_norm(32 * 1024, 768), check_layer_norm(4099, 1600),
-               check_head(8192, 768, 50257, 50304), compare_training()]
+    results = [check_rounding(), check_layer_norm(32 * 1024, 768), check_layer_norm(4099, 1600),
+               check_bias_gelu(32 * 1024, 3072), check_head(8192, 768, 50257, 50304),
+               compare_training()]
     print("all within bounds" if all(results) else f"FAILED: {results}")
     return 0 if all(results) else 1
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt2.kernels import cross_entropy, layer_norm
+from jaxgpt2.kernels import bias_gelu, cross_entropy, layer_norm
 from jaxgpt2.loss import token_nll
 from jaxgpt2.model import GPT
 from jaxgpt2.step import create_train_state, make_train_step
@@ -48,6 +48,20 @@ def test_layer_norm_keeps_bfloat16_inputs_in_their_dtype():
                                                              "bias": jnp.zeros(64)}}, x)
     np.testing.assert_allclose(layer_norm.layer_norm(x, jnp.ones(64), jnp.zeros(64), 1e-5)
                                .astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("rows, width", [(70, 700), (64, 1024)])
+def test_bias_gelu_matches_autodiff_of_gelu(rows, width):
+    """The fused backward (GELU derivative and the bias gradient's column sums over strips
+    of rows) against autodiff of ``gelu(h + bias)``, with partial strips and columns."""
+    rng = np.random.default_rng(width)
+    h = jnp.asarray(rng.normal(0.0, 2.0, (rows, width)), jnp.float32)
+    bias = jnp.asarray(rng.normal(0.0, 0.5, width), jnp.float32)
+    plain = lambda h, b: jax.nn.gelu(h + b, approximate=True)
+    ours = _value_and_grads(bias_gelu.bias_gelu, h, bias)
+    ref = _value_and_grads(plain, h, bias)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
 def test_head_loss_matches_xla_loss_and_gradients():

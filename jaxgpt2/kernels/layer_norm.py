@@ -4,8 +4,9 @@ XLA computes a layer norm in several passes (mean, variance, normalise; in the b
 pass the row sums, the input gradient and two column reductions for the scale and bias
 gradients). Here the forward reads each row once and writes the output and the row's
 mean and inverse deviation; the backward reads each row of the input and its output
-gradient once, writes the input gradient, and leaves one partial column sum per block of
-rows for the scale and bias gradients, summed afterwards (a few hundred rows).
+gradient once, writes the input gradient, and keeps the scale and bias gradients' column
+sums in registers over a strip of rows, leaving one partial sum per strip (a few hundred
+rows of them, summed afterwards).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from jax.experimental.pallas import triton as plgpu
 from jaxgpt2.kernels import interpret, lanes
 
 FORWARD_ROWS = 4  # rows per program
-BACKWARD_ROWS = 16
-WARPS = 4
+FORWARD_WARPS = 8
+TILE_ROWS = 4  # rows per step of the backward kernel's loop
+STRIP_ROWS = 32  # rows per backward program
+BACKWARD_WARPS = 4
 
 
-def _tile(ref_rows: int, width: int, rows: int):
-    """Indices and masks of program ``i``'s ``rows`` x ``lanes(width)`` tile."""
-    r = pl.program_id(0) * rows + jnp.arange(rows)
+def _tile(ref_rows: int, width: int, rows: int, first=None):
+    """Indices and masks of the ``rows`` x ``lanes(width)`` tile from row ``first``
+    (by default, program ``i``'s ``i``-th tile)."""
+    first = pl.program_id(0) * rows if first is None else first
+    r = first + jnp.arange(rows)
     c = jnp.arange(lanes(width))
     row_ok, col_ok = r < ref_rows, c < width
     return r, c, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
@@ -50,22 +55,30 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, ep
 def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref,
                      dbias_ref):
     n, width = x_ref.shape
-    r, c, row_ok, col_ok, ok = _tile(n, width, BACKWARD_ROWS)
-    at = (r[:, None], c[None, :])
-    x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
-    dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
-    mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
-    rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
+    strip = pl.program_id(0)
+    c = jnp.arange(lanes(width))
+    col_ok = c < width
     scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
-    x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
-    scaled_dy = dy * scale[None, :]
-    mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
-    mean_dy = jnp.sum(scaled_dy, axis=1) / width
-    dx = (scaled_dy - x_hat * mean_dot[:, None] - mean_dy[:, None]) * rstd[:, None]
-    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
-    block = pl.program_id(0)
-    plgpu.store(dscale_ref.at[block, c], jnp.sum(dy * x_hat, axis=0), mask=col_ok)
-    plgpu.store(dbias_ref.at[block, c], jnp.sum(dy, axis=0), mask=col_ok)
+
+    def tile(i, sums):
+        r, _, row_ok, _, ok = _tile(n, width, TILE_ROWS, strip * STRIP_ROWS + i * TILE_ROWS)
+        at = (r[:, None], c[None, :])
+        x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+        dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+        mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
+        rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
+        x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        scaled_dy = dy * scale[None, :]
+        mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
+        mean_dy = jnp.sum(scaled_dy, axis=1) / width
+        dx = (scaled_dy - x_hat * mean_dot[:, None] - mean_dy[:, None]) * rstd[:, None]
+        plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
+        return sums[0] + jnp.sum(dy * x_hat, axis=0), sums[1] + jnp.sum(dy, axis=0)
+
+    zeros = jnp.zeros((lanes(width),), jnp.float32)
+    dscale, dbias = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, tile, (zeros, zeros))
+    plgpu.store(dscale_ref.at[strip, c], dscale, mask=col_ok)
+    plgpu.store(dbias_ref.at[strip, c], dbias, mask=col_ok)
 
 
 def _forward(x, scale, bias, eps):
@@ -75,7 +88,7 @@ def _forward(x, scale, bias, eps):
         functools.partial(_forward_kernel, eps=eps), grid=(pl.cdiv(n, FORWARD_ROWS),),
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), f32),
                    jax.ShapeDtypeStruct((n,), f32)],
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS), interpret=interpret(),
+        compiler_params=plgpu.CompilerParams(num_warps=FORWARD_WARPS), interpret=interpret(),
         name="layer_norm_forward")(x, scale.astype(f32), bias.astype(f32))
 
 
@@ -93,12 +106,12 @@ def _layer_norm_fwd(x, scale, bias, eps):
 def _layer_norm_bwd(eps, residuals, dy):
     x, mean, rstd, scale, bias = residuals
     n, width = x.shape
-    blocks = pl.cdiv(n, BACKWARD_ROWS)
-    partial_sums = jax.ShapeDtypeStruct((blocks, width), jnp.float32)
+    strips = pl.cdiv(n, STRIP_ROWS)
+    partial_sums = jax.ShapeDtypeStruct((strips, width), jnp.float32)
     dx, dscale, dbias = pl.pallas_call(
-        _backward_kernel, grid=(blocks,),
+        _backward_kernel, grid=(strips,),
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), partial_sums, partial_sums],
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS), interpret=interpret(),
+        compiler_params=plgpu.CompilerParams(num_warps=BACKWARD_WARPS), interpret=interpret(),
         name="layer_norm_backward")(x, dy, mean, rstd, scale.astype(jnp.float32))
     return (dx, jnp.sum(dscale, axis=0).astype(scale.dtype),
             jnp.sum(dbias, axis=0).astype(bias.dtype))
