@@ -6,7 +6,7 @@ shapes in bfloat16 and are compared with XLA's ops computed in float32 from the 
 bfloat16 inputs, and XLA's own bfloat16 path is measured the same way, so each kernel's
 error reads against the error of the path it replaces. Then a short training run of both
 paths from the same start: their losses step by step. Prints one line per check and exits
-non-zero if a kernel's error exceeds twice XLA's (plus a small floor).
+non-zero if a kernel's error exceeds twice XLA's plus one bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ from jaxgpt2.loss import token_nll
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.step import create_train_state, make_train_step
+
+
+# One rounding of a bfloat16 output, relative. XLA keeps excess precision where a
+# bfloat16 result is only cast back to float32 (so its "bfloat16" path can show no error
+# at all); a kernel's stored output is rounded, as the training step's always is.
+BFLOAT16_ROUNDING = 2.0 ** -8
 
 
 def relative_error(a, b) -> float:
@@ -54,7 +60,7 @@ def check(name: str, fused, xla_low, exact, args, low_args) -> bool:
         if label == "kernel":
             kernel_errors = errors
         else:
-            ok = all(k <= 2 * x + 1e-4 for k, x in zip(kernel_errors, errors))
+            ok = all(k <= 2 * x + BFLOAT16_ROUNDING for k, x in zip(kernel_errors, errors))
     return ok
 
 

@@ -87,6 +87,20 @@ def test_head_loss_matches_xla_loss_and_gradients():
     assert not np.any(ours[1][vocab:]), "a padded vocabulary row got a gradient"
 
 
+def test_loss_kernel_keeps_its_running_sums_exact_over_a_wide_range():
+    """Logits spread over hundreds of units, rising and falling across the chunks the
+    kernel reads: its per-lane maxima and rescaled sums must match one log-sum-exp."""
+    rng = np.random.default_rng(5)
+    columns = np.arange(5000)
+    logits = np.stack([rng.uniform(-300, 300, 5000), columns * 0.1, -columns * 0.1,
+                       np.where(columns == 4321, 80.0, -50.0)]).astype(np.float32)
+    targets = jnp.asarray([7, 4989, 0, 4321])
+    loss, grad = cross_entropy.nll(jnp.asarray(logits), targets, 4990, with_grad=True)
+    np.testing.assert_allclose(loss, token_nll(jnp.asarray(logits), targets, 4990), rtol=1e-5)
+    ref = jax.grad(lambda x: jnp.sum(token_nll(x, targets, 4990)))(jnp.asarray(logits))
+    np.testing.assert_allclose(grad, ref, atol=1e-6)
+
+
 def test_loss_kernel_ignores_huge_logits_in_padded_columns():
     logits = jnp.zeros((2, 256)).at[:, 200:].set(1e4)
     loss, grad = cross_entropy.nll(logits, jnp.asarray([0, 199]), 200, with_grad=True)

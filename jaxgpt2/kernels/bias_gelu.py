@@ -20,9 +20,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt2.kernels import interpret
 
-TILE_ROWS = 8
+TILE_ROWS = 4
 STRIP_ROWS = 64
-COLUMNS = 512
+COLUMNS = 1024
 WARPS = 4
 _C = math.sqrt(2.0 / math.pi)
 

@@ -3,8 +3,8 @@ logits' gradient, written in the same launch.
 
 XLA's loss reads the logits three times (the row maxima, the sum of exponentials, then
 ``softmax - onehot`` in the backward pass) and writes their gradient. This kernel keeps
-a running maximum and sum (rescaled when the maximum grows) while it reads a row once,
-then reads the row again (mostly from L2, right after the first read) to write
+a running maximum and sum per lane (rescaled when the maximum grows) while it reads a
+row once, then reads the row again (mostly from L2, right after the first read) to write
 ``softmax - onehot``. The
 per-position cotangent is applied by ``head_nll``'s backward pass to the two much smaller
 matmul results, so the gradient never needs another pass over the logits.
@@ -22,8 +22,9 @@ from jax.experimental.pallas import triton as plgpu
 from jaxgpt2.kernels import interpret
 
 CHUNK = 2048  # columns read at a time
-WARPS = 8
+WARPS = 4
 LOG2_E = 1.4426950408889634  # exponentials as exp2, the GPU's native one
+_FLOOR = -1e30  # a finite "minus infinity": lanes that saw no real column stay finite
 
 
 def _kernel(logits_ref, targets_ref, nll_ref, *grad_ref, vocab_size: int):
@@ -33,26 +34,29 @@ def _kernel(logits_ref, targets_ref, nll_ref, *grad_ref, vocab_size: int):
     target = plgpu.load(targets_ref.at[pl.ds(row, 1)])
 
     def read(i):
-        """Chunk ``i`` of the row in base-2 units (logit * log2 e); excluded columns -inf."""
+        """Chunk ``i`` of the row in base-2 units (logit * log2 e); excluded columns at
+        the floor."""
         cols = i * CHUNK + jnp.arange(CHUNK)
         real = cols < vocab_size
         x = plgpu.load(logits_ref.at[row, cols], mask=real, other=0.0).astype(jnp.float32)
-        return cols, real, jnp.where(real, x * LOG2_E, -jnp.inf)
+        return cols, real, jnp.where(real, x * LOG2_E, _FLOOR)
 
     def accumulate(i, carry):
-        row_max, row_sum, target_logit = carry
-        cols, real, x = read(i)
-        new_max = jnp.maximum(row_max, jnp.max(x))
-        fresh = jnp.sum(jnp.where(real, jnp.exp2(x - new_max), 0.0))
-        row_sum = row_sum * jnp.exp2(row_max - new_max) + fresh
-        return new_max, row_sum, target_logit + jnp.where(cols == target, x, 0.0)
+        """Each lane's running maximum and sum of exp2(x - maximum): one exponential per
+        column, of minus the distance to the maximum, and no reduction across lanes."""
+        lane_max, lane_sum, target_logit = carry
+        cols, _, x = read(i)
+        bigger = x > lane_max
+        e = jnp.exp2(-jnp.abs(x - lane_max))
+        lane_sum = jnp.where(bigger, lane_sum * e + 1.0, lane_sum + e)
+        return (jnp.maximum(lane_max, x), lane_sum,
+                target_logit + jnp.where(cols == target, x, 0.0))
 
-    # Column 0 is always real, so the first chunk makes the running maximum finite.
-    first_max, first_sum, first_target = accumulate(0, (jnp.float32(-jnp.inf), jnp.float32(0.0),
-                                                         jnp.zeros((CHUNK,), jnp.float32)))
-    row_max, row_sum, target_logit = jax.lax.fori_loop(
-        1, chunks, accumulate, (first_max, first_sum, first_target))
-    log2_z = row_max + jnp.log2(row_sum)
+    start = (jnp.full((CHUNK,), _FLOOR, jnp.float32), jnp.zeros((CHUNK,), jnp.float32),
+             jnp.zeros((CHUNK,), jnp.float32))
+    lane_max, lane_sum, target_logit = jax.lax.fori_loop(0, chunks, accumulate, start)
+    row_max = jnp.max(lane_max)  # a real column's: column 0 always is one
+    log2_z = row_max + jnp.log2(jnp.sum(lane_sum * jnp.exp2(lane_max - row_max)))
     nll = (log2_z - jnp.sum(target_logit)) / LOG2_E
     plgpu.store(nll_ref.at[pl.ds(row, 1)], nll[None])
     if not grad_ref:

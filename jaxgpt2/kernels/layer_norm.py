@@ -23,7 +23,7 @@ from jaxgpt2.kernels import interpret, lanes
 FORWARD_ROWS = 4  # rows per program
 FORWARD_WARPS = 8
 TILE_ROWS = 4  # rows per step of the backward kernel's loop
-STRIP_ROWS = 32  # rows per backward program
+STRIP_ROWS = 64  # rows per backward program
 BACKWARD_WARPS = 4
 
 
