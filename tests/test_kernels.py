@@ -96,9 +96,10 @@ def test_loss_kernel_keeps_its_running_sums_exact_over_a_wide_range():
                        np.where(columns == 4321, 80.0, -50.0)]).astype(np.float32)
     targets = jnp.asarray([7, 4989, 0, 4321])
     loss, grad = cross_entropy.nll(jnp.asarray(logits), targets, 4990, with_grad=True)
-    np.testing.assert_allclose(loss, token_nll(jnp.asarray(logits), targets, 4990), rtol=1e-5)
+    # Logits near 500 leave float32 about 3e-5 of absolute precision in the difference.
+    np.testing.assert_allclose(loss, token_nll(jnp.asarray(logits), targets, 4990), atol=1e-4)
     ref = jax.grad(lambda x: jnp.sum(token_nll(x, targets, 4990)))(jnp.asarray(logits))
-    np.testing.assert_allclose(grad, ref, atol=1e-6)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_kernel_ignores_huge_logits_in_padded_columns():
