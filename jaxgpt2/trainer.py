@@ -72,6 +72,9 @@ def resolve_model_config(config: Config, dataset: Dataset, devices: Sequence[jax
                           "set model.vocab_size to null to take it from the data")
     gpt = resolve_auto(gpt, devices[0].platform, len(devices))
     gpt.validate()
+    if gpt.kernels == "pallas" and devices[0].platform != "gpu":
+        raise ConfigError(f"model.kernels=pallas compiles Triton kernels for NVIDIA GPUs, and "
+                          f"this run's devices are {devices[0].platform}; use model.kernels=auto")
     return gpt
 
 

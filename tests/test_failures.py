@@ -62,6 +62,12 @@ def test_unwritable_out_dir_is_refused_before_training(tmp_path, resume_config):
         Trainer(resume_config("file/run"))
 
 
+def test_gpu_kernels_off_a_gpu_are_refused(resume_config):
+    with pytest.raises(ConfigError, match="model.kernels=pallas compiles Triton kernels for NVIDIA "
+                                          "GPUs, and this run's devices are cpu; use model.kernels=auto"):
+        Trainer(resume_config("run", "model.kernels=pallas"))
+
+
 def test_vocabulary_smaller_than_the_data_is_refused(resume_config):
     with pytest.raises(ConfigError, match=r"model.vocab_size=50 is smaller than the dataset's vocabulary \(65"):
         Trainer(resume_config("run", "model.vocab_size=50"))
