@@ -50,7 +50,8 @@ def attention_implementation(config: GPTConfig) -> str:
 
 
 def uses_kernels(config: GPTConfig) -> bool:
-    """Whether layer norms and the loss run as the fused Pallas kernels (``model.kernels``)."""
+    """Whether the layer norms, the MLP's bias + GELU and the loss run as the fused Pallas
+    kernels (``model.kernels``)."""
     return resolve_auto(config, jax.default_backend(), jax.device_count()).kernels == "pallas"
 
 

@@ -4,10 +4,9 @@ logits' gradient, written in the same launch.
 XLA's loss reads the logits three times (the row maxima, the sum of exponentials, then
 ``softmax - onehot`` in the backward pass) and writes their gradient. This kernel keeps
 a running maximum and sum per lane (rescaled when the maximum grows) while it reads a
-row once, then reads the row again (mostly from L2, right after the first read) to write
-``softmax - onehot``. The
-per-position cotangent is applied by ``head_nll``'s backward pass to the two much smaller
-matmul results, so the gradient never needs another pass over the logits.
+row once, then reads the row again to write ``softmax - onehot``. ``head_nll``'s backward
+pass applies each position's cotangent to the two much smaller matmul results, so the
+gradient needs no further pass over the logits.
 """
 
 from __future__ import annotations
