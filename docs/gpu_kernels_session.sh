@@ -11,6 +11,6 @@ piece() { local name=$1 limit=$2; shift 2; echo "== $name"; local t0=$SECONDS
 piece compare_bias 330 python bench.py --preset gpt2 --tokens random --variants loop,loop_xla_kernels --bias --batch_size 32,64 --compare_nanogpt third_party/nanoGPT
 piece profile 45 python docs/gpu_step_profile.py --bias --kernels pallas --out "$OUT/trace"
 rm -rf "$OUT/trace"
-piece gpu_kernels 150 python tests/gpu_kernels.py
+piece gpu_kernels 240 python tests/gpu_kernels.py
 piece kernel_bench 40 python docs/kernel_bench.py
 for f in compare_bias profile gpu_kernels kernel_bench; do echo "== $f"; grep -v "WARNING" "$OUT/$f.log" | tail -n 40; done
