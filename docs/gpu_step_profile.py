@@ -32,7 +32,7 @@ from jaxgpt2.step import create_train_state, make_train_step
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
-PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy|bias_gelu_backward")
+PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy|bias_gelu_backward|bias_gelu_forward")
 GROUPS = [("layer norm", re.compile(r"/ln_[12f]/|ln_f")),
           ("loss", re.compile(r"loss\.token_nll|head_nll|logsumexp|_masked_f32")),
           ("GELU", re.compile(r"/mlp/(c_fc/)?(tanh|mul|add|integer_pow|sub|bias_gelu)")),
