@@ -29,7 +29,7 @@ BACKWARD_WARPS = 4
 
 def _tile(ref_rows: int, width: int, rows: int, first=None):
     """Indices and masks of the ``rows`` x ``lanes(width)`` tile from row ``first``
-    (by default, program ``i``'s ``i``-th tile)."""
+    (by default, program ``i``'s tile: rows from ``i * rows``)."""
     first = pl.program_id(0) * rows if first is None else first
     r = first + jnp.arange(rows)
     c = jnp.arange(lanes(width))
