@@ -13,6 +13,12 @@ from __future__ import annotations
 import jax
 
 
+def tile(rows: jax.Array, cols: jax.Array, n_rows: int, width: int):
+    """The ``rows`` x ``cols`` tile of an (n_rows, width) array: its index for
+    ``ref.at[...]``, and its mask (rows and columns past the array's end are off)."""
+    return (rows[:, None], cols[None, :]), (rows < n_rows)[:, None] & (cols < width)[None, :]
+
+
 def interpret() -> bool:
     """Pallas's interpreter off a GPU: slow, but the same kernel, so CPU tests check it."""
     return jax.default_backend() != "gpu"

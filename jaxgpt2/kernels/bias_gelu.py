@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt2.kernels import interpret
+from jaxgpt2.kernels import interpret, tile
 
 TILE_ROWS = 4
 STRIP_ROWS = 64
@@ -41,10 +41,8 @@ def _forward_kernel(h_ref, bias_ref, y_ref):
     rows, width = h_ref.shape
     r = pl.program_id(0) * TILE_ROWS + jnp.arange(TILE_ROWS)
     c = pl.program_id(1) * COLUMNS + jnp.arange(COLUMNS)
-    col_ok = c < width
-    ok = (r < rows)[:, None] & col_ok[None, :]
-    at = (r[:, None], c[None, :])
-    bias = plgpu.load(bias_ref.at[c], mask=col_ok, other=0.0).astype(jnp.float32)
+    at, ok = tile(r, c, rows, width)
+    bias = plgpu.load(bias_ref.at[c], mask=c < width, other=0.0).astype(jnp.float32)
     z = plgpu.load(h_ref.at[at], mask=ok, other=0.0).astype(jnp.float32) + bias[None, :]
     plgpu.store(y_ref.at[at], _gelu(z).astype(y_ref.dtype), mask=ok)
 
@@ -56,23 +54,20 @@ def _backward_kernel(h_ref, bias_ref, dy_ref, dh_ref, dbias_ref):
     col_ok = c < width
     bias = plgpu.load(bias_ref.at[c], mask=col_ok, other=0.0).astype(jnp.float32)
 
-    def tile(i, column_sum):
+    def strip_tile(i, column_sum):
         r = strip * STRIP_ROWS + i * TILE_ROWS + jnp.arange(TILE_ROWS)
-        ok = (r < rows)[:, None] & col_ok[None, :]
-        at = (r[:, None], c[None, :])
+        at, ok = tile(r, c, rows, width)
         z = plgpu.load(h_ref.at[at], mask=ok, other=0.0).astype(jnp.float32) + bias[None, :]
         dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
         dh = jnp.where(ok, dy * _gelu_grad(z), 0.0)
         plgpu.store(dh_ref.at[at], dh.astype(dh_ref.dtype), mask=ok)
         return column_sum + jnp.sum(dh, axis=0)
 
-    total = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, tile, jnp.zeros((COLUMNS,), jnp.float32))
+    total = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, jnp.zeros((COLUMNS,), jnp.float32))
     plgpu.store(dbias_ref.at[strip, c], total, mask=col_ok)
 
 
-@jax.custom_vjp
-def bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
-    """``gelu(h + bias)`` (tanh approximation) for (rows, width) ``h``, in ``h``'s dtype."""
+def _forward(h, bias):
     rows, width = h.shape
     return pl.pallas_call(
         _forward_kernel, grid=(pl.cdiv(rows, TILE_ROWS), pl.cdiv(width, COLUMNS)),
@@ -81,8 +76,14 @@ def bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
         name="bias_gelu_forward")(h, bias)
 
 
+@jax.custom_vjp
+def bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(h + bias)`` (tanh approximation) for (rows, width) ``h``, in ``h``'s dtype."""
+    return _forward(h, bias)
+
+
 def _bias_gelu_fwd(h, bias):
-    return bias_gelu(h, bias), (h, bias)
+    return _forward(h, bias), (h, bias)
 
 
 def _bias_gelu_bwd(residuals, dy):

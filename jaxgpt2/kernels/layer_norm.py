@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt2.kernels import interpret, lanes
+from jaxgpt2.kernels import interpret, lanes, tile
 
 FORWARD_ROWS = 4  # rows per program
 FORWARD_WARPS = 8
@@ -27,29 +27,22 @@ STRIP_ROWS = 64  # rows per backward program
 BACKWARD_WARPS = 4
 
 
-def _tile(ref_rows: int, width: int, rows: int, first=None):
-    """Indices and masks of the ``rows`` x ``lanes(width)`` tile from row ``first``
-    (by default, program ``i``'s tile: rows from ``i * rows``)."""
-    first = pl.program_id(0) * rows if first is None else first
-    r = first + jnp.arange(rows)
-    c = jnp.arange(lanes(width))
-    row_ok, col_ok = r < ref_rows, c < width
-    return r, c, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
-
-
 def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float):
     n, width = x_ref.shape
-    r, c, row_ok, col_ok, ok = _tile(n, width, FORWARD_ROWS)
-    x = plgpu.load(x_ref.at[r[:, None], c[None, :]], mask=ok, other=0.0).astype(jnp.float32)
+    r = pl.program_id(0) * FORWARD_ROWS + jnp.arange(FORWARD_ROWS)
+    c = jnp.arange(lanes(width))
+    col_ok = c < width
+    at, ok = tile(r, c, n, width)
+    x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
     mean = jnp.sum(x, axis=1) / width
     centred = jnp.where(ok, x - mean[:, None], 0.0)
     rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
     scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
     bias = plgpu.load(bias_ref.at[c], mask=col_ok, other=0.0)
     y = centred * rstd[:, None] * scale[None, :] + bias[None, :]
-    plgpu.store(y_ref.at[r[:, None], c[None, :]], y.astype(y_ref.dtype), mask=ok)
-    plgpu.store(mean_ref.at[r], mean, mask=row_ok)
-    plgpu.store(rstd_ref.at[r], rstd, mask=row_ok)
+    plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=ok)
+    plgpu.store(mean_ref.at[r], mean, mask=r < n)
+    plgpu.store(rstd_ref.at[r], rstd, mask=r < n)
 
 
 def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref,
@@ -60,9 +53,10 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscal
     col_ok = c < width
     scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
 
-    def tile(i, sums):
-        r, _, row_ok, _, ok = _tile(n, width, TILE_ROWS, strip * STRIP_ROWS + i * TILE_ROWS)
-        at = (r[:, None], c[None, :])
+    def strip_tile(i, sums):
+        r = strip * STRIP_ROWS + i * TILE_ROWS + jnp.arange(TILE_ROWS)
+        row_ok = r < n
+        at, ok = tile(r, c, n, width)
         x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
         dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
         mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
@@ -76,7 +70,7 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscal
         return sums[0] + jnp.sum(dy * x_hat, axis=0), sums[1] + jnp.sum(dy, axis=0)
 
     zeros = jnp.zeros((lanes(width),), jnp.float32)
-    dscale, dbias = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, tile, (zeros, zeros))
+    dscale, dbias = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, (zeros, zeros))
     plgpu.store(dscale_ref.at[strip, c], dscale, mask=col_ok)
     plgpu.store(dbias_ref.at[strip, c], dbias, mask=col_ok)
 
