@@ -1,17 +1,20 @@
 """The fused kernels alone against XLA's ops, at GPT-2 124M's training shapes (GPU).
 
-    python docs/kernel_bench.py [--rows 32768] [--tune]
+    python docs/kernel_bench.py [--rows 32768] [--tune [layer_norm bias_gelu loss]]
 
 Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16;
-the MLP's bias and GELU, forward and forward + backward on (rows, 3072); and the tied
+the MLP's bias and GELU, forward and forward + backward on (rows, 3072); the loss
+kernel alone on (rows, 50304) logits; and the tied
 head with its loss (forward + backward: the three matmuls and the loss) on (rows, 768)
 hidden states and the (50304, 768) embedding: XLA against the kernel. ``--tune`` also
-times the kernels' tile settings (rows per program and per loop step, warps, widths).
+times the kernels' tile settings (rows per program and per loop step, warps, widths;
+for the loss, columns per read).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 
@@ -60,6 +63,20 @@ def bias_gelu_rows(rows: int) -> list[tuple[str, float, float]]:
             for name, f in (("XLA", plain), ("kernel", bias_gelu.bias_gelu))]
 
 
+@functools.cache
+def _logits(rows: int) -> tuple[jax.Array, jax.Array]:
+    """(rows, 50304) bfloat16 logits and targets, drawn on the device once per size."""
+    logits_key, targets_key = jax.random.split(jax.random.PRNGKey(4))
+    logits = 2 * jax.random.normal(logits_key, (rows, 50304), jnp.bfloat16)
+    return logits, jax.random.randint(targets_key, (rows,), 0, 50257)
+
+
+def loss_alone(rows: int) -> float:
+    """The loss kernel with its gradient on (rows, 50304) bfloat16 logits, no matmuls."""
+    logits, targets = _logits(rows)
+    return timed(lambda x: cross_entropy.nll(x, targets, 50257, with_grad=True), logits)
+
+
 def head_rows(rows: int) -> list[tuple[str, float, float]]:
     rng = np.random.default_rng(1)
     h = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
@@ -72,12 +89,15 @@ def head_rows(rows: int) -> list[tuple[str, float, float]]:
             for name, f in (("XLA", plain), ("kernel", fused))]
 
 
-def tune(rows: int) -> None:
+def tune_layer_norm(rows: int) -> None:
     for tile, strip, warps in itertools.product((2, 4, 8), (16, 32, 64, 128), (4, 8)):
         layer_norm.TILE_ROWS, layer_norm.STRIP_ROWS, layer_norm.BACKWARD_WARPS = tile, strip, warps
         _, fwd, both = layer_norm_rows(rows)[1]
         print(f"layer norm backward tile {tile} strip {strip} warps {warps}: "
               f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
+
+
+def tune_bias_gelu(rows: int) -> None:
     settings = [(4, 64, 512, 4), (8, 64, 512, 4), (8, 64, 512, 8), (8, 128, 512, 4),
                 (8, 32, 512, 4), (4, 64, 1024, 4), (4, 64, 1024, 8), (16, 64, 256, 4),
                 (8, 64, 256, 4), (2, 64, 1024, 4)]
@@ -87,16 +107,24 @@ def tune(rows: int) -> None:
         _, fwd, both = bias_gelu_rows(rows)[1]
         print(f"bias GELU tile {tile} strip {strip} columns {columns} warps {warps}: "
               f"fwd+bwd {both:.3f} ms")
-    for chunk, warps in itertools.product((1024, 2048, 4096), (4, 8, 16)):
+
+
+def tune_loss(rows: int) -> None:
+    # The first setting again last: a process's first timings can run slow.
+    for chunk, warps in [(2048, 4), (1024, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
+                         (8192, 16), (16384, 16), (2048, 4)]:
         cross_entropy.CHUNK, cross_entropy.WARPS = chunk, warps
-        _, fwd, both = head_rows(rows)[1]
-        print(f"head chunk {chunk} warps {warps}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
+        print(f"loss alone, chunk {chunk} warps {warps}: {loss_alone(rows):.3f} ms")
+
+
+TUNERS = {"layer_norm": tune_layer_norm, "bias_gelu": tune_bias_gelu, "loss": tune_loss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32 * 1024)
-    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tune", nargs="*", choices=sorted(TUNERS), default=None,
+                        help="time these kernels' settings (all of them with no name)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, rows {args.rows}")
     print("| op | path | forward ms | forward + backward ms |\n|---|---|---|---|")
@@ -105,8 +133,9 @@ def main() -> None:
                         ("head + loss", head_rows(args.rows))):
         for name, fwd, both in results:
             print(f"| {op} | {name} | {fwd:.3f} | {both:.3f} |")
-    if args.tune:
-        tune(args.rows)
+    print(f"| loss alone (x, 50304), with its gradient | kernel | | {loss_alone(args.rows):.3f} |")
+    for name in (TUNERS if args.tune == [] else args.tune or []):
+        TUNERS[name](args.rows)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,20 @@ def test_loss_kernel_keeps_its_running_sums_exact_over_a_wide_range():
     np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab, width", [(4096, 4096), (3000, 6200), (100, 128)])
+def test_loss_kernel_reads_whole_and_masked_chunks(vocab, width):
+    """Chunks wholly inside the vocabulary are read without a mask, the rest through one:
+    a vocabulary that fills its chunks exactly, one followed by chunks of padding only,
+    and one smaller than a chunk, each against XLA's loss and its gradient."""
+    rng = np.random.default_rng(width)
+    logits = jnp.asarray(rng.normal(0, 3, (3, width)), jnp.float32)
+    targets = jnp.asarray([0, vocab - 1, vocab // 2])
+    loss, grad = cross_entropy.nll(logits, targets, vocab, with_grad=True)
+    np.testing.assert_allclose(loss, token_nll(logits, targets, vocab), rtol=1e-5)
+    ref = jax.grad(lambda x: jnp.sum(token_nll(x, targets, vocab)))(logits)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_loss_kernel_ignores_huge_logits_in_padded_columns():
     logits = jnp.zeros((2, 256)).at[:, 200:].set(1e4)
     loss, grad = cross_entropy.nll(logits, jnp.asarray([0, 199]), 200, with_grad=True)

@@ -4,7 +4,8 @@ logits' gradient, written in the same launch.
 XLA's loss reads the logits three times (the row maxima, the sum of exponentials, then
 ``softmax - onehot`` in the backward pass) and writes their gradient. This kernel keeps
 a running maximum and sum per lane (rescaled when the maximum grows) while it reads a
-row once, then reads the row again to write ``softmax - onehot``. ``head_nll``'s backward
+row once, then reads the row again to write ``softmax - onehot``; only the chunk holding
+the end of the vocabulary is read through a mask. ``head_nll``'s backward
 pass applies each position's cotangent to the two much smaller matmul results, so the
 gradient needs no further pass over the logits.
 """
@@ -29,43 +30,53 @@ _FLOOR = -1e30  # a finite "minus infinity": lanes that saw no real column stay 
 def _kernel(logits_ref, targets_ref, nll_ref, *grad_ref, vocab_size: int):
     row = pl.program_id(0)
     width = logits_ref.shape[1]
+    whole = vocab_size // CHUNK  # chunks of real columns only: read without a mask
     chunks = pl.cdiv(width, CHUNK)
     target = plgpu.load(targets_ref.at[pl.ds(row, 1)])
 
-    def read(i):
-        """Chunk ``i`` of the row in base-2 units (logit * log2 e); excluded columns at
-        the floor."""
+    def read(i, masked: bool):
+        """Chunk ``i`` of the row in base-2 units (logit * log2 e); with ``masked``,
+        excluded columns at the floor."""
         cols = i * CHUNK + jnp.arange(CHUNK)
+        if not masked:
+            return cols, plgpu.load(logits_ref.at[row, cols]).astype(jnp.float32) * LOG2_E
         real = cols < vocab_size
         x = plgpu.load(logits_ref.at[row, cols], mask=real, other=0.0).astype(jnp.float32)
-        return cols, real, jnp.where(real, x * LOG2_E, _FLOOR)
+        return cols, jnp.where(real, x * LOG2_E, _FLOOR)
 
-    def accumulate(i, carry):
-        """Each lane's running maximum and sum of exp2(x - maximum): one exponential per
-        column, of minus the distance to the maximum, and no reduction across lanes."""
-        lane_max, lane_sum, target_logit = carry
-        cols, _, x = read(i)
-        bigger = x > lane_max
-        e = jnp.exp2(-jnp.abs(x - lane_max))
-        lane_sum = jnp.where(bigger, lane_sum * e + 1.0, lane_sum + e)
-        return (jnp.maximum(lane_max, x), lane_sum,
-                target_logit + jnp.where(cols == target, x, 0.0))
+    def accumulate(masked: bool):
+        def step(i, carry):
+            """Each lane's running maximum and sum of exp2(x - maximum): one exponential
+            per column, of minus the distance to the maximum, no reduction across lanes."""
+            lane_max, lane_sum = carry
+            _, x = read(i, masked)
+            e = jnp.exp2(-jnp.abs(x - lane_max))
+            lane_sum = jnp.where(x > lane_max, lane_sum * e + 1.0, lane_sum + e)
+            return jnp.maximum(lane_max, x), lane_sum
+        return step
 
-    start = (jnp.full((CHUNK,), _FLOOR, jnp.float32), jnp.zeros((CHUNK,), jnp.float32),
-             jnp.zeros((CHUNK,), jnp.float32))
-    lane_max, lane_sum, target_logit = jax.lax.fori_loop(0, chunks, accumulate, start)
+    start = (jnp.full((CHUNK,), _FLOOR, jnp.float32), jnp.zeros((CHUNK,), jnp.float32))
+    carry = jax.lax.fori_loop(0, whole, accumulate(False), start)
+    lane_max, lane_sum = jax.lax.fori_loop(whole, chunks, accumulate(True), carry)
     row_max = jnp.max(lane_max)  # a real column's: column 0 always is one
     log2_z = row_max + jnp.log2(jnp.sum(lane_sum * jnp.exp2(lane_max - row_max)))
-    nll = (log2_z - jnp.sum(target_logit)) / LOG2_E
-    plgpu.store(nll_ref.at[pl.ds(row, 1)], nll[None])
+    target_logit = plgpu.load(logits_ref.at[row, pl.ds(target[0], 1)]).astype(jnp.float32)
+    plgpu.store(nll_ref.at[pl.ds(row, 1)], log2_z / LOG2_E - target_logit)
     if not grad_ref:
         return
 
-    @pl.loop(0, chunks)
-    def _(i):
-        cols, real, x = read(i)
-        grad = jnp.where(real, jnp.exp2(x - log2_z), 0.0) - (cols == target).astype(jnp.float32)
-        plgpu.store(grad_ref[0].at[row, cols], grad.astype(grad_ref[0].dtype), mask=cols < width)
+    def write(masked: bool):
+        def step(i):
+            cols, x = read(i, masked)
+            p = jnp.exp2(x - log2_z)
+            if masked:
+                p = jnp.where(cols < vocab_size, p, 0.0)
+            grad = (p - (cols == target).astype(jnp.float32)).astype(grad_ref[0].dtype)
+            plgpu.store(grad_ref[0].at[row, cols], grad, mask=(cols < width) if masked else None)
+        return step
+
+    pl.loop(0, whole)(write(False))
+    pl.loop(whole, chunks)(write(True))
 
 
 def nll(logits: jax.Array, targets: jax.Array, vocab_size: int,
