@@ -32,7 +32,7 @@ from jaxgpt2.step import create_train_state, make_train_step
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
-PALLAS = re.compile(r"layer_norm_forward|layer_norm_backward|cross_entropy|bias_gelu_backward|bias_gelu_forward")
+PALLAS = re.compile(r"(layer_norm|bias_gelu)_(forward|backward)|cross_entropy")
 GROUPS = [("layer norm", re.compile(r"/ln_[12f]/|ln_f")),
           ("loss", re.compile(r"loss\.token_nll|head_nll|logsumexp|_masked_f32")),
           ("GELU", re.compile(r"/mlp/(c_fc/)?(tanh|mul|add|integer_pow|sub|bias_gelu)")),
@@ -84,8 +84,8 @@ def instruction_names(hlo: str) -> dict[str, str]:
 def classify(kernel: str, op_name: str) -> str:
     """The group of one kernel, from its own name (library kernels) or its HLO origin."""
     direction = "bwd" if "transpose(jvp" in op_name else "fwd"
-    if PALLAS.search(kernel):
-        return f"Pallas {PALLAS.search(kernel).group(0)}"
+    if pallas := PALLAS.search(kernel):
+        return f"Pallas {pallas.group(0)}"
     if ATTENTION.search(kernel):
         backward = re.search(r"bprop|bwd|dq|dot_do_o", kernel, re.I)
         return f"attention cuDNN {'bwd' if backward else 'fwd'}"

@@ -39,6 +39,13 @@ def timed(fn, *args, repeats: int = 30) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
+def forward_and_backward(paths, args: tuple, dy: jax.Array) -> list[tuple[str, float, float]]:
+    """``(path, forward ms, forward + backward ms)`` for each ``(path, fn)`` on ``args``,
+    the backward pulling ``dy`` back to every argument."""
+    with_backward = lambda f: lambda dy, *a: jax.vjp(f, *a)[1](dy)
+    return [(name, timed(f, *args), timed(with_backward(f), dy, *args)) for name, f in paths]
+
+
 def layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16)
@@ -47,9 +54,7 @@ def layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
     flax_ln = lambda x, s, b: nn.LayerNorm(dtype=jnp.bfloat16).apply(
         {"params": {"scale": s, "bias": b}}, x)
     ours = lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5)
-    both = lambda f: lambda x, s, b, dy: jax.vjp(f, x, s, b)[1](dy)
-    return [(name, timed(f, x, s, b), timed(both(f), x, s, b, dy))
-            for name, f in (("XLA", flax_ln), ("kernel", ours))]
+    return forward_and_backward((("XLA", flax_ln), ("kernel", ours)), (x, s, b), dy)
 
 
 def bias_gelu_rows(rows: int) -> list[tuple[str, float, float]]:
@@ -58,9 +63,7 @@ def bias_gelu_rows(rows: int) -> list[tuple[str, float, float]]:
     dy = jnp.asarray(rng.normal(size=(rows, 3072)), jnp.bfloat16)
     b = jnp.asarray(rng.normal(size=3072), jnp.bfloat16)
     plain = lambda h, b: jax.nn.gelu(h + b, approximate=True)
-    both = lambda f: lambda h, b, dy: jax.vjp(f, h, b)[1](dy)
-    return [(name, timed(f, h, b), timed(both(f), h, b, dy))
-            for name, f in (("XLA", plain), ("kernel", bias_gelu.bias_gelu))]
+    return forward_and_backward((("XLA", plain), ("kernel", bias_gelu.bias_gelu)), (h, b), dy)
 
 
 @functools.cache
