@@ -2,7 +2,8 @@
 
     python docs/kernel_bench.py [--rows 32768] [--tune [layer_norm bias_gelu loss]]
 
-Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16;
+Times, per call, a layer norm's forward and forward + backward on (rows, 768) bfloat16,
+alone and with the residual add before it;
 the MLP's bias and GELU, forward and forward + backward on (rows, 3072); the loss
 kernel alone on (rows, 50304) logits; and the tied
 head with its loss (forward + backward: the three matmuls and the loss) on (rows, 768)
@@ -39,7 +40,7 @@ def timed(fn, *args, repeats: int = 30) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
-def forward_and_backward(paths, args: tuple, dy: jax.Array) -> list[tuple[str, float, float]]:
+def forward_and_backward(paths, args: tuple, dy: jax.Array | tuple) -> list[tuple[str, float, float]]:
     """``(path, forward ms, forward + backward ms)`` for each ``(path, fn)`` on ``args``,
     the backward pulling ``dy`` back to every argument."""
     with_backward = lambda f: lambda dy, *a: jax.vjp(f, *a)[1](dy)
@@ -55,6 +56,21 @@ def layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
         {"params": {"scale": s, "bias": b}}, x)
     ours = lambda x, s, b: layer_norm.layer_norm(x, s, b, 1e-5)
     return forward_and_backward((("XLA", flax_ln), ("kernel", ours)), (x, s, b), dy)
+
+
+def add_layer_norm_rows(rows: int) -> list[tuple[str, float, float]]:
+    rng = np.random.default_rng(5)
+    x, h, ds, dy = (jnp.asarray(rng.normal(size=(rows, 768)), jnp.bfloat16) for _ in range(4))
+    hb = jnp.asarray(rng.normal(size=768), jnp.bfloat16)
+    s, b = jnp.ones(768), jnp.zeros(768)
+
+    def plain(x, h, hb, s, b):
+        stream = x + (h + hb)
+        return stream, nn.LayerNorm(dtype=jnp.bfloat16).apply(
+            {"params": {"scale": s, "bias": b}}, stream)
+
+    ours = lambda x, h, hb, s, b: layer_norm.add_layer_norm(x, h, hb, s, b, 1e-5)
+    return forward_and_backward((("XLA", plain), ("kernel", ours)), (x, h, hb, s, b), (ds, dy))
 
 
 def bias_gelu_rows(rows: int) -> list[tuple[str, float, float]]:
@@ -132,6 +148,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, rows {args.rows}")
     print("| op | path | forward ms | forward + backward ms |\n|---|---|---|---|")
     for op, results in (("layer norm (x, 768)", layer_norm_rows(args.rows)),
+                        ("residual add + layer norm (x, 768)", add_layer_norm_rows(args.rows)),
                         ("bias + GELU (x, 3072)", bias_gelu_rows(args.rows)),
                         ("head + loss", head_rows(args.rows))):
         for name, fwd, both in results:

@@ -33,6 +33,7 @@ from jaxgpt2 import hf, loss
 from jaxgpt2.config import PRESETS, GPTConfig, resolve_auto
 from jaxgpt2.kernels.bias_gelu import bias_gelu
 from jaxgpt2.kernels.cross_entropy import head_nll
+from jaxgpt2.kernels.layer_norm import add_layer_norm
 from jaxgpt2.kernels.layer_norm import layer_norm as kernel_layer_norm
 from jaxgpt2.remat import remat_block
 
@@ -89,7 +90,9 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 class Dense(nn.Module):
     """``nn.Dense``'s parameters (``kernel`` (in, out), optional ``bias``) applied by
     ``linear``, in the compute dtype; with ``gelu``, followed by GPT-2's GELU (with
-    ``fused``, bias and GELU through ``jaxgpt2.kernels.bias_gelu``)."""
+    ``fused``, bias and GELU through ``jaxgpt2.kernels.bias_gelu``). With ``defer_bias``
+    it returns ``(x @ kernel, bias)`` (zeros without one) for the caller to add the bias
+    in a kernel of its own."""
 
     features: int
     use_bias: bool
@@ -97,14 +100,17 @@ class Dense(nn.Module):
     std: float = 0.02
     gelu: bool = False
     fused: bool = False
+    defer_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array | None]:
         kernel = self.param("kernel", _init(self.std), (x.shape[-1], self.features), jnp.float32)
         y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                              jnp.float32).astype(self.dtype)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                           jnp.float32).astype(self.dtype) if self.use_bias else None)
+        if self.defer_bias:
+            return y, jnp.zeros((self.features,), self.dtype) if bias is None else bias
+        if bias is not None:
             if self.gelu and self.fused:
                 rows = y.reshape(-1, self.features)
                 return bias_gelu(rows, bias).reshape(y.shape)
@@ -114,27 +120,37 @@ class Dense(nn.Module):
 
 
 def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02,
-           gelu: bool = False) -> Dense:
+           gelu: bool = False, defer_bias: bool = False) -> Dense:
     return Dense(features, config.bias, compute_dtype(config), std, gelu,
-                 uses_kernels(config), name=name)
+                 uses_kernels(config), defer_bias, name=name)
 
 
 class FusedLayerNorm(nn.Module):
     """``nn.LayerNorm``'s parameters (``scale``, optional ``bias``, float32) applied by the
-    fused kernel (``jaxgpt2.kernels.layer_norm``), output in the compute dtype."""
+    fused kernel (``jaxgpt2.kernels.layer_norm``), output in the compute dtype.
+
+    Given a residual ``branch`` (and its bias), the input is ``x + branch + branch_bias``
+    and the result ``(that sum, its normalisation)``, the add fused into the kernel.
+    """
 
     use_bias: bool
     dtype: jnp.dtype
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, branch: jax.Array | None = None,
+                 branch_bias: jax.Array | None = None):
+        """``layer_norm(x)``, or ``(s, layer_norm(s))`` with ``s = x + branch + branch_bias``."""
         C = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones_init(), (C,), jnp.float32)
         bias = (self.param("bias", nn.initializers.zeros_init(), (C,), jnp.float32)
                 if self.use_bias else jnp.zeros((C,), jnp.float32))
-        y = kernel_layer_norm(x.reshape(-1, C), scale, bias, self.epsilon)
-        return y.reshape(x.shape).astype(self.dtype)
+        if branch is None:
+            y = kernel_layer_norm(x.reshape(-1, C), scale, bias, self.epsilon)
+            return y.reshape(x.shape).astype(self.dtype)
+        s, y = add_layer_norm(x.reshape(-1, C), branch.reshape(-1, C), branch_bias, scale,
+                              bias, self.epsilon)
+        return s.reshape(x.shape), y.reshape(x.shape).astype(self.dtype)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.Module:
@@ -246,6 +262,7 @@ class CausalSelfAttention(nn.Module):
     """
 
     config: GPTConfig
+    defer_bias: bool = False  # return c_proj's (output, bias) unadded, with no dropout
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool,
@@ -265,36 +282,62 @@ class CausalSelfAttention(nn.Module):
             y = attend_cached(q, cache_k[layer], cache_v[layer], start)
             k, v = cache_k, cache_v
         y = checkpoint_name(y.reshape(B, T, C), "attention_out")
-        y = _dense(cfg, C, "c_proj", _residual_std(cfg))(y)
-        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        y = _dense(cfg, C, "c_proj", _residual_std(cfg), defer_bias=self.defer_bias)(y)
+        if not self.defer_bias:
+            y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y if past is None else (y, (k, v))
 
 
 class MLP(nn.Module):
     config: GPTConfig
+    defer_bias: bool = False  # return c_proj's (output, bias) unadded, with no dropout
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool):
         cfg = self.config
         x = _dense(cfg, 4 * cfg.n_embd, "c_fc", gelu=True)(x)
-        x = _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(x)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg), defer_bias=self.defer_bias)(x)
+        return x if self.defer_bias else nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+# The residual stream as the blocks pass it on when the layer-norm kernels do the
+# residual adds: the stream so far, and the last branch's output and bias, not yet added.
+Stream = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def fuses_residuals(config: GPTConfig, deterministic: bool) -> bool:
+    """Whether the residual adds run inside the layer-norm kernels: with the kernels on
+    and no residual dropout, which would have to come between a branch and its add."""
+    return uses_kernels(config) and (config.dropout == 0 or deterministic)
 
 
 class Block(nn.Module):
     """A pre-LayerNorm transformer block; with ``past`` it returns ``(x, (cache_k,
-    cache_v))`` as ``CausalSelfAttention`` does."""
+    cache_v))`` as ``CausalSelfAttention`` does.
+
+    Where ``fuses_residuals``, ``x`` is a ``Stream`` in and out: ``ln_1``'s kernel adds
+    the previous block's MLP output, ``ln_2``'s the attention's, and this block's MLP
+    output is handed on unadded.
+    """
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool,
-                 past: Past | None = None):
-        y = CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), key_mask, deterministic, past)
+    def __call__(self, x: jax.Array | Stream, key_mask: jax.Array | None,
+                 deterministic: bool, past: Past | None = None):
+        cfg = self.config
+        fuse = fuses_residuals(cfg, deterministic)
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        x, normed = ln_1(*x) if fuse else (x, ln_1(x))
+        y = CausalSelfAttention(cfg, fuse, name="attn")(normed, key_mask, deterministic, past)
         y, new_kv = (y, None) if past is None else y
-        x = x + y
-        x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+        if fuse:
+            x, normed = ln_2(x, *y)
+        else:
+            x = x + y
+            normed = ln_2(x)
+        y = MLP(cfg, fuse, name="mlp")(normed, deterministic)
+        x = (x, *y) if fuse else x + y
         return x if past is None else (x, new_kv)
 
 
@@ -359,13 +402,25 @@ class GPT(nn.Module):
     def _init_blocks(self, rng: jax.Array) -> dict:
         """Initialise every block independently and stack them on a leading layer axis."""
         block = Block(self.config, parent=None)
-        sample = jnp.zeros((1, 1, self.config.n_embd), compute_dtype(self.config))
+        sample = self._stream(jnp.zeros((1, 1, self.config.n_embd),
+                                        compute_dtype(self.config)), True)
         init_one = lambda r: block.init(r, sample, None, True)["params"]
         return jax.vmap(init_one)(jax.random.split(rng, self.config.n_layer))
 
     def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """Token plus position embeddings, summed in float32 and cast once."""
         return (self.wte(input_ids) + self.wpe(positions)).astype(compute_dtype(self.config))
+
+    def _stream(self, x: jax.Array, deterministic: bool) -> jax.Array | Stream:
+        """The blocks' input: ``x``, or where ``fuses_residuals`` a ``Stream`` with nothing
+        yet to add."""
+        if not fuses_residuals(self.config, deterministic):
+            return x
+        return x, jnp.zeros_like(x), jnp.zeros((x.shape[-1],), x.dtype)
+
+    def _final_norm(self, x: jax.Array | Stream, deterministic: bool) -> jax.Array:
+        """``ln_f`` over the blocks' output (adding the last MLP output where fused)."""
+        return self.ln_f(*x)[1] if fuses_residuals(self.config, deterministic) else self.ln_f(x)
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       deterministic: bool = True) -> jax.Array:
@@ -375,6 +430,7 @@ class GPT(nn.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={cfg.block_size}")
         x = self.drop(self._embed(input_ids, jnp.arange(T)), deterministic=deterministic)
+        x = self._stream(x, deterministic)
 
         block = Block(cfg, parent=None)
         use_dropout = cfg.dropout > 0 and not deterministic
@@ -391,7 +447,7 @@ class GPT(nn.Module):
         else:
             for i in range(cfg.n_layer):
                 x = run_block(x, jax.tree.map(lambda a: a[i], self.h), rngs[i])
-        return self.ln_f(x)
+        return self._final_norm(x, deterministic)
 
     def token_nll(self, input_ids: jax.Array, targets: jax.Array,
                   attention_mask: jax.Array | None = None,
@@ -425,7 +481,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         start = cache.length
-        x = self._embed(input_ids, start + jnp.arange(input_ids.shape[1]))
+        x = self._stream(self._embed(input_ids, start + jnp.arange(input_ids.shape[1])), True)
         block = Block(cfg, parent=None)
 
         def run_block(x, params, cache_k, cache_v, layer):
@@ -443,7 +499,7 @@ class GPT(nn.Module):
             for i in range(cfg.n_layer):
                 x, (k, v) = run_block(x, jax.tree.map(lambda a: a[i], self.h), k, v, i)
         cache = KVCache(k=k, v=v, length=start + input_ids.shape[1])
-        return self.logits(self.ln_f(x)), cache
+        return self.logits(self._final_norm(x, True)), cache
 
     def init_params(self, rng: jax.Array) -> dict:
         """Fresh float32 parameters (a plain nested dict)."""

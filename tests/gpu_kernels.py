@@ -73,6 +73,26 @@ def check_layer_norm(rows: int, width: int) -> bool:
                  flax_ln(jnp.bfloat16), (x, scale, bias), flax_ln(jnp.float32))
 
 
+def check_add_layer_norm(rows: int, width: int) -> bool:
+    rng = np.random.default_rng(3)
+    x, branch = (jnp.asarray(rng.normal(0.5, 2.0, (rows, width)), jnp.bfloat16) for _ in "xb")
+    branch_bias = jnp.asarray(rng.normal(0.0, 0.3, width), jnp.bfloat16)
+    scale = jnp.asarray(rng.normal(1.0, 0.2, width), jnp.float32)
+    bias = jnp.asarray(rng.normal(0.0, 0.2, width), jnp.float32)
+
+    def plain(dtype):
+        def add_then_norm(x, branch, branch_bias, s, b):
+            stream = x + (branch + branch_bias)  # the XLA path's order: Dense, then the add
+            y = nn.LayerNorm(dtype=dtype).apply({"params": {"scale": s, "bias": b}}, stream)
+            return jnp.concatenate([stream.astype(jnp.float32), y.astype(jnp.float32)], axis=1)
+        return add_then_norm
+
+    fused = lambda *args: jnp.concatenate(
+        [t.astype(jnp.float32) for t in layer_norm.add_layer_norm(*args, 1e-5)], axis=1)
+    return check("add + LN", fused, plain(jnp.bfloat16), (x, branch, branch_bias, scale, bias),
+                 plain(jnp.float32))
+
+
 def check_bias_gelu(rows: int, width: int) -> bool:
     rng = np.random.default_rng(4)
     h = jnp.asarray(rng.normal(0, 1.5, (rows, width)), jnp.bfloat16)
@@ -135,7 +155,7 @@ def compare_training(steps: int = 8) -> bool:
 def main() -> int:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     results = [check_rounding(), check_layer_norm(32 * 1024, 768), check_layer_norm(4099, 1600),
-               check_bias_gelu(32 * 1024, 3072), check_head(8192, 768, 50257, 50304),
+               check_add_layer_norm(32 * 1024, 768), check_bias_gelu(32 * 1024, 3072), check_head(8192, 768, 50257, 50304),
                compare_training()]
     print("all within bounds" if all(results) else f"FAILED: {results}")
     return 0 if all(results) else 1

@@ -12,7 +12,7 @@ import pytest
 
 from jaxgpt2.kernels import bias_gelu, cross_entropy, layer_norm
 from jaxgpt2.loss import token_nll
-from jaxgpt2.model import GPT
+from jaxgpt2.model import GPT, KVCache
 from jaxgpt2.step import create_train_state, make_train_step
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.config import OptimConfig
@@ -37,6 +37,31 @@ def test_layer_norm_matches_flax_forward_and_gradients(rows, width):
     ref = _value_and_grads(flax_ln, x, scale, bias)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows, width", [(37, 96), (130, 768)])
+def test_add_layer_norm_matches_the_add_then_flax(rows, width):
+    """The residual add fused into the layer norm: both outputs (the stream and its
+    normalisation) and the gradients of all five inputs, against ``x + branch + bias``
+    then Flax's LayerNorm, with arbitrary cotangents on both outputs."""
+    rng = np.random.default_rng(rows)
+    x, branch = (jnp.asarray(rng.normal(0.5, 2.0, (rows, width)), jnp.float32) for _ in "xb")
+    branch_bias, scale, bias = (jnp.asarray(rng.normal(0.5, 0.3, width), jnp.float32)
+                                for _ in "bsc")
+
+    def plain(x, branch, branch_bias, s, b):
+        stream = x + branch + branch_bias
+        return stream, nn.LayerNorm(epsilon=1e-5).apply({"params": {"scale": s, "bias": b}},
+                                                        stream)
+
+    fused = lambda *args: layer_norm.add_layer_norm(*args, 1e-5)
+    w_s, w_y = (jax.random.normal(jax.random.PRNGKey(k), (rows, width)) for k in (1, 2))
+    total = lambda fn: lambda *a: jnp.sum(fn(*a)[0] * w_s) + jnp.sum(fn(*a)[1] * w_y)
+    args = (x, branch, branch_bias, scale, bias)
+    ours = jax.jit(jax.value_and_grad(total(fused), argnums=tuple(range(5))))(*args)
+    ref = jax.jit(jax.value_and_grad(total(plain), argnums=tuple(range(5))))(*args)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=5e-5)
 
 
 def test_layer_norm_keeps_bfloat16_inputs_in_their_dtype():
@@ -144,3 +169,27 @@ def test_model_with_kernels_trains_like_the_xla_model(small_config):
         np.testing.assert_allclose(metrics["grad_norm"], xla_metrics["grad_norm"], rtol=1e-4)
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(xla_state.params)):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fused_residual_stream_matches_xla_in_forward_and_decode(small_config, scan_layers):
+    """With the kernels the blocks hand on a stream whose adds run in the layer-norm
+    kernels: the same initial parameters, and the same logits over a whole sequence and
+    through the KV cache (prefill, then one token), under a loop and under scan."""
+    cfg = dataclasses.replace(small_config, kernels="pallas", scan_layers=scan_layers)
+    xla = GPT(dataclasses.replace(cfg, kernels="xla"))
+    params = xla.init_params(jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(GPT(cfg).init_params(
+            jax.random.PRNGKey(0)))):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(3),
+                                                                 a.shape), params)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, cfg.vocab_size)
+    outputs = []
+    for model in (xla, GPT(cfg)):
+        prefill, cache = model.apply({"params": params}, ids[:, :6],
+                                     KVCache.empty(model.config, 2), method=GPT.decode)
+        step, _ = model.apply({"params": params}, ids[:, 6:], cache, method=GPT.decode)
+        outputs.append((model.apply({"params": params}, ids), prefill, step))
+    for a, b in zip(*outputs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

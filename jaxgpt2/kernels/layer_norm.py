@@ -27,13 +27,25 @@ STRIP_ROWS = 64  # rows per backward program
 BACKWARD_WARPS = 4
 
 
-def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float):
+def _forward_kernel(x_ref, *refs, eps: float, add: bool):
+    """With ``add``, the normalised row is ``x + branch + branch_bias``, which is also
+    written out (rounded once) as the residual stream."""
+    if add:
+        branch_ref, branch_bias_ref, scale_ref, bias_ref, s_ref, y_ref, mean_ref, rstd_ref = refs
+    else:
+        scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
     n, width = x_ref.shape
     r = pl.program_id(0) * FORWARD_ROWS + jnp.arange(FORWARD_ROWS)
     c = jnp.arange(lanes(width))
     col_ok = c < width
     at, ok = tile(r, c, n, width)
     x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    if add:
+        branch = plgpu.load(branch_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+        branch_bias = plgpu.load(branch_bias_ref.at[c], mask=col_ok, other=0.0)
+        stream = (x + branch + branch_bias.astype(jnp.float32)[None, :]).astype(s_ref.dtype)
+        plgpu.store(s_ref.at[at], stream, mask=ok)
+        x = stream.astype(jnp.float32)  # normalise what the backward pass will read
     mean = jnp.sum(x, axis=1) / width
     centred = jnp.where(ok, x - mean[:, None], 0.0)
     rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / width + eps)
@@ -45,8 +57,13 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, ep
     plgpu.store(rstd_ref.at[r], rstd, mask=r < n)
 
 
-def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref,
-                     dbias_ref):
+def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, add: bool):
+    """With ``add``, the residual stream's own gradient ``ds`` joins the input gradient,
+    whose column sums are the branch bias's gradient."""
+    if add:
+        ds_ref, dx_ref, dscale_ref, dbias_ref, dbranch_bias_ref = refs
+    else:
+        dx_ref, dscale_ref, dbias_ref = refs
     n, width = x_ref.shape
     strip = pl.program_id(0)
     c = jnp.arange(lanes(width))
@@ -66,24 +83,49 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscal
         mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
         mean_dy = jnp.sum(scaled_dy, axis=1) / width
         dx = (scaled_dy - x_hat * mean_dot[:, None] - mean_dy[:, None]) * rstd[:, None]
+        new = (jnp.sum(dy * x_hat, axis=0), jnp.sum(dy, axis=0))
+        if add:
+            ds = plgpu.load(ds_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+            dx = jnp.where(ok, dx + ds, 0.0)
+            new = (*new, jnp.sum(dx, axis=0))
         plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
-        return sums[0] + jnp.sum(dy * x_hat, axis=0), sums[1] + jnp.sum(dy, axis=0)
+        return tuple(total + part for total, part in zip(sums, new))
 
     zeros = jnp.zeros((lanes(width),), jnp.float32)
-    dscale, dbias = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, (zeros, zeros))
-    plgpu.store(dscale_ref.at[strip, c], dscale, mask=col_ok)
-    plgpu.store(dbias_ref.at[strip, c], dbias, mask=col_ok)
+    sums = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, (zeros,) * (3 if add else 2))
+    for out_ref, total in zip(refs[-len(sums):], sums):
+        plgpu.store(out_ref.at[strip, c], total, mask=col_ok)
 
 
-def _forward(x, scale, bias, eps):
+def _forward(x, scale, bias, eps, branch=()):
+    """``(y, mean, rstd)``; with ``branch`` (``(branch, branch_bias)``) ``(s, y, mean,
+    rstd)``, ``s`` the residual stream the layer norm normalised."""
     n, width = x.shape
     f32 = jnp.float32
+    rows = [jax.ShapeDtypeStruct(x.shape, x.dtype)] * (2 if branch else 1)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, eps=eps), grid=(pl.cdiv(n, FORWARD_ROWS),),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), f32),
-                   jax.ShapeDtypeStruct((n,), f32)],
+        functools.partial(_forward_kernel, eps=eps, add=bool(branch)),
+        grid=(pl.cdiv(n, FORWARD_ROWS),),
+        out_shape=[*rows, jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((n,), f32)],
         compiler_params=plgpu.CompilerParams(num_warps=FORWARD_WARPS), interpret=interpret(),
-        name="layer_norm_forward")(x, scale.astype(f32), bias.astype(f32))
+        name="add_layer_norm_forward" if branch else "layer_norm_forward",
+    )(x, *branch, scale.astype(f32), bias.astype(f32))
+
+
+def _backward(x, dy, mean, rstd, scale, ds=None):
+    """``dx`` and the per-strip column sums: ``dscale``, ``dbias`` and, with ``ds``, the
+    branch bias's gradient (``dx`` then includes ``ds``)."""
+    n, width = x.shape
+    strips = pl.cdiv(n, STRIP_ROWS)
+    partial_sums = jax.ShapeDtypeStruct((strips, width), jnp.float32)
+    add = ds is not None
+    dx, *sums = pl.pallas_call(
+        functools.partial(_backward_kernel, add=add), grid=(strips,),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), *[partial_sums] * (3 if add else 2)],
+        compiler_params=plgpu.CompilerParams(num_warps=BACKWARD_WARPS), interpret=interpret(),
+        name="add_layer_norm_backward" if add else "layer_norm_backward",
+    )(x, dy, mean, rstd, scale.astype(jnp.float32), *([ds] if add else []))
+    return dx, *(jnp.sum(partial, axis=0) for partial in sums)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -99,16 +141,37 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, residuals, dy):
     x, mean, rstd, scale, bias = residuals
-    n, width = x.shape
-    strips = pl.cdiv(n, STRIP_ROWS)
-    partial_sums = jax.ShapeDtypeStruct((strips, width), jnp.float32)
-    dx, dscale, dbias = pl.pallas_call(
-        _backward_kernel, grid=(strips,),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), partial_sums, partial_sums],
-        compiler_params=plgpu.CompilerParams(num_warps=BACKWARD_WARPS), interpret=interpret(),
-        name="layer_norm_backward")(x, dy, mean, rstd, scale.astype(jnp.float32))
-    return (dx, jnp.sum(dscale, axis=0).astype(scale.dtype),
-            jnp.sum(dbias, axis=0).astype(bias.dtype))
+    dx, dscale, dbias = _backward(x, dy, mean, rstd, scale)
+    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def add_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array, scale: jax.Array,
+                   bias: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """A residual add and the layer norm after it, for (rows, width) ``x`` and ``branch``:
+    ``(s, layer_norm(s))`` with ``s = x + branch + branch_bias`` in ``x``'s dtype.
+
+    The backward pass adds ``s``'s own gradient to the layer norm's input gradient and
+    sums the total over rows for ``branch_bias`` in the same kernel: XLA would make a
+    separate pass for each.
+    """
+    return tuple(_forward(x, scale, bias, eps, (branch, branch_bias))[:2])
+
+
+def _add_layer_norm_fwd(x, branch, branch_bias, scale, bias, eps):
+    s, y, mean, rstd = _forward(x, scale, bias, eps, (branch, branch_bias))
+    return (s, y), (s, mean, rstd, scale, bias, branch_bias)
+
+
+def _add_layer_norm_bwd(eps, residuals, cotangents):
+    s, mean, rstd, scale, bias, branch_bias = residuals
+    ds, dy = cotangents
+    d_stream, dscale, dbias, d_branch_bias = _backward(s, dy, mean, rstd, scale, ds)
+    return (d_stream, d_stream, d_branch_bias.astype(branch_bias.dtype),
+            dscale.astype(scale.dtype), dbias.astype(bias.dtype))
+
+
+add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
