@@ -103,11 +103,18 @@ class Dense(nn.Module):
     defer_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, input_bias: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+        """``x @ kernel + bias``; given ``input_bias`` (float32), ``(x + input_bias) @ kernel
+        + bias``, that bias folded into the output's (``input_bias @ kernel`` in float32)."""
         kernel = self.param("kernel", _init(self.std), (x.shape[-1], self.features), jnp.float32)
         y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
-        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                           jnp.float32).astype(self.dtype) if self.use_bias else None)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if input_bias is not None:
+                bias = bias + jnp.dot(input_bias, kernel, precision="highest")
+            bias = bias.astype(self.dtype)
         if self.defer_bias:
             return y, jnp.zeros((self.features,), self.dtype) if bias is None else bias
         if bias is not None:
@@ -232,24 +239,34 @@ class QKVProjection(nn.Module):
     """GPT-2's ``c_attn`` (one (C, 3C) kernel and bias, Hugging Face's layout) applied as
     three products, one each for queries, keys and values. One wide product would need
     its output sliced into three copies and, in the backward pass, their gradients
-    concatenated back (``docs/performance.md``, "Why the code is shaped this way")."""
+    concatenated back (``docs/performance.md``, "Why the code is shaped this way").
+
+    Returns ``(q, k, v, value_bias)``. Two of the three bias adds are left out, exactly:
+    the key bias adds ``q . b_k``, one constant per query, to its scores, which the
+    softmax cancels, so it is never added (its gradient is zero). With
+    ``fold_value_bias``, the value bias is returned (float32) instead of added: each row
+    of attention probabilities sums to one, so it passes through attention unchanged and
+    ``c_proj`` folds it into its own bias. Otherwise ``value_bias`` is None.
+    """
 
     config: GPTConfig
+    fold_value_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         cfg = self.config
         C, dtype = x.shape[-1], compute_dtype(cfg)
         kernel = self.param("kernel", _init(0.02), (C, 3 * C), jnp.float32).astype(dtype)
         bias = (self.param("bias", nn.initializers.zeros_init(), (3 * C,), jnp.float32)
-                .astype(dtype) if cfg.bias else None)
+                if cfg.bias else None)
         x = x.astype(dtype)
-        outputs = []
-        for part in range(3):
-            columns = slice(part * C, (part + 1) * C)
-            y = linear(x, kernel[:, columns])
-            outputs.append(y if bias is None else y + bias[columns])
-        return outputs
+        q, k, v = (linear(x, kernel[:, part * C:(part + 1) * C]) for part in range(3))
+        if bias is None:
+            return q, k, v, None
+        q = q + bias[:C].astype(dtype)
+        if self.fold_value_bias:
+            return q, k, v, bias[2 * C:]
+        return q, k, v + bias[2 * C:].astype(dtype), None
 
 
 class CausalSelfAttention(nn.Module):
@@ -269,10 +286,11 @@ class CausalSelfAttention(nn.Module):
                  past: Past | None = None):
         cfg = self.config
         B, T, C = x.shape
-        q, k, v = (t.reshape(B, T, cfg.n_head, C // cfg.n_head)
-                   for t in QKVProjection(cfg, name="c_attn")(x))
+        # Attention dropout rescales rows of probabilities, which then no longer sum to one.
+        use_dropout = past is None and cfg.dropout > 0 and not deterministic
+        *qkv, value_bias = QKVProjection(cfg, not use_dropout, name="c_attn")(x)
+        q, k, v = (t.reshape(B, T, cfg.n_head, C // cfg.n_head) for t in qkv)
         if past is None:
-            use_dropout = cfg.dropout > 0 and not deterministic
             y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)
         else:
             cache_k, cache_v, layer, start = past
@@ -282,7 +300,7 @@ class CausalSelfAttention(nn.Module):
             y = attend_cached(q, cache_k[layer], cache_v[layer], start)
             k, v = cache_k, cache_v
         y = checkpoint_name(y.reshape(B, T, C), "attention_out")
-        y = _dense(cfg, C, "c_proj", _residual_std(cfg), defer_bias=self.defer_bias)(y)
+        y = _dense(cfg, C, "c_proj", _residual_std(cfg), defer_bias=self.defer_bias)(y, value_bias)
         if not self.defer_bias:
             y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y if past is None else (y, (k, v))

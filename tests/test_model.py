@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxgpt2.loss import masked_sum, token_nll
-from jaxgpt2.model import GPT, GPTConfig
+from jaxgpt2.model import GPT, CausalSelfAttention, GPTConfig, attend
 
 
 def cross_entropy_sum(logits, targets, loss_mask, vocab_size):
@@ -114,6 +114,50 @@ def test_dropout_is_active_only_in_training(small_config):
     np.testing.assert_array_equal(a, b)
     c = model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-3
+
+
+def _attention_with_every_bias(params, x, key_mask, config):
+    """GPT-2's attention as written: one (C, 3C) product, all three biases added."""
+    B, T, C = x.shape
+    qkv = x @ params["c_attn"]["kernel"] + params["c_attn"]["bias"]
+    q, k, v = (t.reshape(B, T, config.n_head, C // config.n_head) for t in jnp.split(qkv, 3, -1))
+    y = attend(q, k, v, key_mask, config, None).reshape(B, T, C)
+    return y @ params["c_proj"]["kernel"] + params["c_proj"]["bias"]
+
+
+def test_attention_without_key_and_value_bias_adds_matches_every_bias_added(small_config):
+    """The key bias left out and the value bias folded into c_proj's: the same output and
+    the same gradients as adding all three, with large random biases and padding."""
+    attention = CausalSelfAttention(small_config)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
+    key_mask = np.ones((2, 16), bool)
+    key_mask[1, 11:] = False
+    params = attention.init(jax.random.PRNGKey(0), x, key_mask, True)["params"]
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours = lambda p, x: jnp.sum(attention.apply({"params": p}, x, key_mask, True) * cotangent)
+    plain = lambda p, x: jnp.sum(_attention_with_every_bias(p, x, key_mask, small_config) * cotangent)
+    np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(jax.grad(ours, (0, 1))(params, x)),
+                         jax.tree.leaves(jax.grad(plain, (0, 1))(params, x))):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
+
+
+def test_value_bias_is_added_before_attention_under_attention_dropout(small_config):
+    """Dropout rescales rows of probabilities, so the value bias cannot pass through."""
+    attention = CausalSelfAttention(dataclasses.replace(small_config, dropout=0.5))
+    x = jnp.ones((1, 4, 32))
+    params = attention.init(jax.random.PRNGKey(0), x, None, True)["params"]
+
+    def value_bias(deterministic):
+        _, state = attention.apply({"params": params}, x, None, deterministic,
+                                   rngs={"dropout": jax.random.PRNGKey(1)},
+                                   capture_intermediates=True)
+        return state["intermediates"]["c_attn"]["__call__"][0][-1]
+
+    assert value_bias(True) is not None
+    assert value_bias(False) is None
 
 
 def test_sequence_longer_than_block_size_is_refused(small_model):
