@@ -3,7 +3,7 @@
 # in one call (each tree's bench in its own process), then the GELU's numerics and the
 # training check of the last tree. Trees are `git archive` copies under third_party/trees/<name>, carried.
 # Usage on the GPU machine, from the repository root:
-#   OUT=/some/dir ROUNDS=2 bash docs/gpu_ab_session.sh main fold ln2 both
+#   OUT=/some/dir ROUNDS=2 [CHECK=0] bash docs/gpu_ab_session.sh main fold ln2 both
 set -u
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 step="python bench.py --preset gpt2 --tokens random --bias --batch_size 32 --repeats 2 --variants loop"
@@ -14,6 +14,7 @@ for round in $(seq "${ROUNDS:-2}"); do
     grep -E "^loop " "$OUT/$tree.$round.log" || tail -n 3 "$OUT/$tree.$round.log"
   done
 done
+[ "${CHECK:-1}" = 1 ] || exit 0
 last="${!#}"
 echo "== training check, $last"
 (cd "third_party/trees/$last" && PYTHONPATH=$PWD timeout 150 python -c \
