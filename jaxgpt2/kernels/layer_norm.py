@@ -6,7 +6,8 @@ gradients). Here the forward reads each row once and writes the output and the r
 mean and inverse deviation; the backward reads each row of the input and its output
 gradient once, writes the input gradient, and keeps the scale and bias gradients' column
 sums in registers over a strip of rows, leaving one partial sum per strip (a few hundred
-rows of them, summed afterwards).
+rows of them, summed afterwards). ``add_layer_norm`` also does the residual add before
+the layer norm, forward and backward, in the same kernels.
 """
 
 from __future__ import annotations
