@@ -40,7 +40,8 @@ def timed(fn, *args, repeats: int = 30) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
-def forward_and_backward(paths, args: tuple, dy: jax.Array | tuple) -> list[tuple[str, float, float]]:
+def forward_and_backward(paths, args: tuple,
+                         dy: jax.Array | tuple) -> list[tuple[str, float, float]]:
     """``(path, forward ms, forward + backward ms)`` for each ``(path, fn)`` on ``args``,
     the backward pulling ``dy`` back to every argument."""
     with_backward = lambda f: lambda dy, *a: jax.vjp(f, *a)[1](dy)

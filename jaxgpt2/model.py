@@ -104,7 +104,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, input_bias: jax.Array | None = None
-                 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``x @ kernel + bias``; given ``input_bias`` (float32), ``(x + input_bias) @ kernel
         + bias``, that bias folded into the output's (``input_bias @ kernel`` in float32)."""
         kernel = self.param("kernel", _init(self.std), (x.shape[-1], self.features), jnp.float32)

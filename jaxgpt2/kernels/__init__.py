@@ -2,10 +2,10 @@
 
 Each kernel replaces a memory-bound stretch of the step that XLA leaves as several
 passes over the same tensor: the layer norm and the residual add before it
-(``layer_norm``), the MLP's bias and GELU with the bias gradient (``bias_gelu``) and
-the loss over the vocabulary (``cross_entropy``). They run wherever JAX runs: compiled through Triton on a
-GPU, and through Pallas's interpreter elsewhere, which is how the CPU tests check them
-against the XLA path. Measurements are in ``docs/performance.md``.
+(``layer_norm``), the MLP's bias and GELU with the bias gradient (``bias_gelu``) and the
+loss over the vocabulary (``cross_entropy``). They run wherever JAX runs: compiled
+through Triton on a GPU, and through Pallas's interpreter elsewhere, which is how the
+CPU tests check them against the XLA path. Measurements are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
