@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: the GPT-2 124M step of several source trees, interleaved A/B rounds
-# in one call (each tree's bench in its own process), then the GELU's numerics and the
-# training check of the last tree. Trees are `git archive` copies under third_party/trees/<name>, carried.
+# One device call: the GPT-2 124M step of several source trees in interleaved rounds
+# (each tree's bench in its own process), then the GELU's numerics and the training
+# check of the last tree. Trees are `git archive` copies under third_party/trees/<name>,
+# carried; a tree's optional `xla_flags` file holds the XLA_FLAGS it runs under.
 # Usage on the GPU machine, from the repository root:
 #   OUT=/some/dir ROUNDS=2 [CHECK=0] bash docs/gpu_ab_session.sh main fold ln2 both
 set -u
@@ -10,7 +11,9 @@ step="python bench.py --preset gpt2 --tokens random --bias --batch_size 32 --rep
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in "$@"; do
     echo "== round $round $tree"
-    (cd "third_party/trees/$tree" && PYTHONPATH=$PWD timeout 90 $step) > "$OUT/$tree.$round.log" 2>&1
+    flags=$(cat "third_party/trees/$tree/xla_flags" 2>/dev/null)
+    (cd "third_party/trees/$tree" && XLA_FLAGS="$flags" PYTHONPATH=$PWD timeout 90 $step) \
+      > "$OUT/$tree.$round.log" 2>&1
     grep -E "^loop " "$OUT/$tree.$round.log" || tail -n 3 "$OUT/$tree.$round.log"
   done
 done
