@@ -137,7 +137,8 @@ def test_attention_without_key_and_value_bias_adds_matches_every_bias_added(smal
     params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
     cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     ours = lambda p, x: jnp.sum(attention.apply({"params": p}, x, key_mask, True) * cotangent)
-    plain = lambda p, x: jnp.sum(_attention_with_every_bias(p, x, key_mask, small_config) * cotangent)
+    plain = lambda p, x: jnp.sum(
+        _attention_with_every_bias(p, x, key_mask, small_config) * cotangent)
     np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(jax.grad(ours, (0, 1))(params, x)),
                          jax.tree.leaves(jax.grad(plain, (0, 1))(params, x))):

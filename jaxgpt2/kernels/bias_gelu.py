@@ -70,7 +70,8 @@ def _backward_kernel(h_ref, bias_ref, dy_ref, dh_ref, dbias_ref):
         plgpu.store(dh_ref.at[at], dh.astype(dh_ref.dtype), mask=ok)
         return column_sum + jnp.sum(dh, axis=0)
 
-    total = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, jnp.zeros((COLUMNS,), jnp.float32))
+    zeros = jnp.zeros((COLUMNS,), jnp.float32)
+    total = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, zeros)
     plgpu.store(dbias_ref.at[strip, c], total, mask=col_ok)
 
 
