@@ -133,8 +133,8 @@ def tune_loss(rows: int) -> None:
     # The first setting again last: a process's first timings can run slow. 32 warps leave
     # room for two programs an SM, about 260 rows (26 MB) in flight: the second read of a
     # row may then still find it in L2.
-    for chunk, warps in [(2048, 4), (1024, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
-                         (8192, 16), (16384, 16), (4096, 32), (8192, 32), (16384, 32),
+    for chunk, warps in [(2048, 4), (1024, 4), (2048, 8), (4096, 8), (8192, 16), (1024, 16),
+                         (2048, 16), (4096, 16), (1024, 32), (2048, 32), (4096, 32), (8192, 32),
                          (2048, 4)]:
         cross_entropy.CHUNK, cross_entropy.WARPS = chunk, warps
         print(f"loss alone, chunk {chunk} warps {warps}: {loss_alone(rows):.3f} ms")

@@ -21,8 +21,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt2.kernels import interpret
 
-CHUNK = 2048  # columns read at a time
-WARPS = 4
+# Columns read at a time, and warps: 32 warps leave room for two programs an SM, so a
+# row's second read may still find it in L2 (H200: 2.23 against 2.70 ms at 2048 and 4).
+CHUNK = 4096
+WARPS = 32
 LOG2_E = 1.4426950408889634  # exponentials as exp2, the GPU's native one
 _FLOOR = -1e30  # a finite "minus infinity": lanes that saw no real column stay finite
 
