@@ -25,10 +25,12 @@ from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import Optimizer
 
-# XLA options for jitting the train step. XLA:GPU's dot merger joins c_attn's three
-# products back into one and slices its output (0.3-0.4 ms of the H200 step; the three
-# products are why ``model.QKVProjection`` splits them). Read by the GPU compiler only.
-STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# XLA options for jitting the train step, read by the GPU compiler only (docs/performance.md).
+# The dot merger joined c_attn's three products back into one and sliced its output (the
+# three products are why ``model.QKVProjection`` splits them); cuBLAS for every product,
+# not XLA's Triton GEMMs, was faster too and compiles sooner. H200, GPT-2 124M: 0.3-0.5 ms
+# each of a 58 ms step.
+STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_triton_gemm": False}
 
 
 class TrainState(flax.struct.PyTreeNode):
