@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: the GPT-2 124M step of several source trees in interleaved rounds
 # (each tree's bench in its own process), then the GELU's numerics and the training
-# check of the last tree. Trees are `git archive` copies under third_party/trees/<name>,
-# carried; a tree's optional `xla_flags` file holds the XLA_FLAGS it runs under.
+# check of the last tree. Trees are `git archive` copies under third_party/trees/<name>
+# (docs/make_ab_trees.sh makes them), carried; a tree's optional `xla_flags` file holds
+# the XLA_FLAGS it runs under.
 # Usage on the GPU machine, from the repository root:
 #   OUT=/some/dir ROUNDS=2 [CHECK=0] bash docs/gpu_ab_session.sh main fold ln2 both
 set -u
