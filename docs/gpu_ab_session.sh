@@ -5,9 +5,17 @@
 # (docs/make_ab_trees.sh makes them), carried; a tree's optional `xla_flags` file holds
 # the XLA_FLAGS it runs under.
 # Usage on the GPU machine, from the repository root:
-#   OUT=/some/dir ROUNDS=2 [CHECK=0] bash docs/gpu_ab_session.sh main fold ln2 both
+#   OUT=/some/dir ROUNDS=2 [CHECK=0] [KERNELS=1] bash docs/gpu_ab_session.sh main fold ln2 both
 set -u
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ "${KERNELS:-0}" = 1 ]; then  # each tree's kernels alone first (docs/kernel_bench.py)
+  for tree in "$@"; do
+    echo "== kernels $tree"
+    (cd "third_party/trees/$tree" && PYTHONPATH=$PWD timeout 120 python docs/kernel_bench.py) \
+      > "$OUT/$tree.kernels.log" 2>&1
+    grep -E "\| kernel \|" "$OUT/$tree.kernels.log" || tail -n 3 "$OUT/$tree.kernels.log"
+  done
+fi
 step="python bench.py --preset gpt2 --tokens random --bias --batch_size 32 --repeats 2 --variants loop"
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in "$@"; do
