@@ -28,7 +28,7 @@ import numpy as np
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
-from jaxgpt2.step import STEP_COMPILER_OPTIONS, create_train_state, make_train_step
+from jaxgpt2.step import create_train_state, make_train_step, step_compiler_options
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
@@ -54,7 +54,7 @@ def profile(batch_size: int, bias: bool, kernels: str, steps: int,
     batch = jax.device_put({"input_ids": ids[..., :-1], "targets": ids[..., 1:],
                             "loss_mask": np.ones((1, batch_size, 1024), np.float32)})
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=0,
-                   compiler_options=STEP_COMPILER_OPTIONS).lower(state, batch).compile()
+                   compiler_options=step_compiler_options()).lower(state, batch).compile()
     for _ in range(3):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

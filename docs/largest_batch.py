@@ -21,7 +21,7 @@ from jaxgpt2.auto_batch import choose_micro_batch, memory_budget
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
-from jaxgpt2.step import STEP_COMPILER_OPTIONS, create_train_state, make_train_step
+from jaxgpt2.step import create_train_state, make_train_step, step_compiler_options
 from jaxgpt2.summary import flops_per_token, peak_flops, size_text
 
 
@@ -33,7 +33,7 @@ def measure(preset: str, remat: str, rows: int, budget: int, steps: int) -> dict
     abstract = jax.eval_shape(lambda: create_train_state(
         model.init_params(jax.random.PRNGKey(0)), optimizer, 0))
     step_fn = jax.jit(make_train_step(model, optimizer), donate_argnums=0,
-                      compiler_options=STEP_COMPILER_OPTIONS)
+                      compiler_options=step_compiler_options())
 
     def compile_at(micro: int):
         spec = {k: jax.ShapeDtypeStruct((1, micro, 1024), dtype) for k, dtype in

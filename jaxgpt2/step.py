@@ -25,12 +25,11 @@ from jaxgpt2.loss_scale import LossScale, all_finite
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import Optimizer
 
-# XLA options for jitting the train step, read by the GPU compiler only (docs/performance.md).
-# The dot merger joined c_attn's three products back into one and sliced its output (the
-# three products are why ``model.QKVProjection`` splits them); cuBLAS for every product,
-# not XLA's Triton GEMMs, was faster too and compiles sooner. H200, GPT-2 124M: 0.3-0.5 ms
-# each of a 58 ms step.
-STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_triton_gemm": False}
+# XLA:GPU options for jitting the train step (docs/performance.md). The dot merger joined
+# c_attn's three products back into one and sliced its output (the three products are why
+# ``model.QKVProjection`` splits them); cuBLAS for every product, not XLA's Triton GEMMs,
+# was faster too and compiles sooner. H200, GPT-2 124M: 0.3-0.5 ms each of a 58 ms step.
+GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_triton_gemm": False}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -60,6 +59,12 @@ def _loss_sum(model: GPT, params, batch: dict, rng: jax.Array | None):
                       batch.get("attention_mask"), deterministic, method=GPT.token_nll,
                       rngs=None if deterministic else {"dropout": rng})
     return masked_sum(nll, batch["loss_mask"])
+
+
+def step_compiler_options() -> dict[str, Any]:
+    """``compiler_options`` for the train step's ``jax.jit``: ``GPU_COMPILER_OPTIONS`` on a
+    GPU, none elsewhere (another backend's compiler need not know GPU options)."""
+    return dict(GPU_COMPILER_OPTIONS) if jax.default_backend() == "gpu" else {}
 
 
 def make_train_step(model: GPT, optimizer: Optimizer, debug_nan_steps: Sequence[int] = (),

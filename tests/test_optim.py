@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxgpt2.config import OptimConfig
 from jaxgpt2.optim import Optimizer, build_optimizer, learning_rate_schedule, weight_decay_mask
-from jaxgpt2.step import create_train_state, make_train_step
+from jaxgpt2.step import (GPU_COMPILER_OPTIONS, create_train_state, make_train_step,
+                          step_compiler_options)
 
 
 def test_decay_mask_covers_exactly_weight_matrices_and_embeddings(small_model):
@@ -99,3 +101,13 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(small_model):
     np.testing.assert_allclose(m_big["grad_norm"], m_micro["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_big.params), jax.tree.leaves(s_micro.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_step_options_are_names_xla_knows_and_apply_only_on_a_gpu():
+    """A misspelt option would fail only on a GPU's first step; XLA's CPU client checks the
+    same option names."""
+    assert jax.jit(lambda x: x * 2, compiler_options=GPU_COMPILER_OPTIONS)(1.5) == 3.0
+    with pytest.raises(Exception, match="xla_gpu_no_such_option"):
+        jax.jit(lambda x: x * 2, compiler_options={"xla_gpu_no_such_option": 0})(1.5)
+    assert step_compiler_options() == ({} if jax.default_backend() != "gpu"
+                                       else GPU_COMPILER_OPTIONS)
