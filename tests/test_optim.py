@@ -1,4 +1,5 @@
-"""The optimizer: decay mask, schedule values, non-finite steps, accumulation."""
+"""The optimizer: decay mask, schedule values, non-finite steps, accumulation; the step's
+GPU compiler options."""
 
 import jax
 import jax.numpy as jnp
