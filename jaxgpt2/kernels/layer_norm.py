@@ -60,25 +60,39 @@ def _forward_kernel(x_ref, *refs, eps: float, add: bool):
 
 def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, add: bool):
     """With ``add``, the residual stream's own gradient ``ds`` joins the input gradient,
-    whose column sums are the branch bias's gradient."""
+    whose column sums are the branch bias's gradient. Each loop step loads the next tile
+    before it reduces the current one: a program's warps wait at two row reductions a
+    tile, with too few programs an SM to hide the loads otherwise."""
     if add:
         ds_ref, dx_ref, dscale_ref, dbias_ref, dbranch_bias_ref = refs
     else:
         dx_ref, dscale_ref, dbias_ref = refs
     n, width = x_ref.shape
-    strip = pl.program_id(0)
+    strip, tiles = pl.program_id(0), STRIP_ROWS // TILE_ROWS
     c = jnp.arange(lanes(width))
     col_ok = c < width
     scale = plgpu.load(scale_ref.at[c], mask=col_ok, other=0.0)
 
-    def strip_tile(i, sums):
+    def rows_of(i):
+        """Tile ``i``'s row indices, its index and mask (all off past the strip's end)."""
         r = strip * STRIP_ROWS + i * TILE_ROWS + jnp.arange(TILE_ROWS)
-        row_ok = r < n
         at, ok = tile(r, c, n, width)
-        x = plgpu.load(x_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
-        dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
-        mean = plgpu.load(mean_ref.at[r], mask=row_ok, other=0.0)
-        rstd = plgpu.load(rstd_ref.at[r], mask=row_ok, other=0.0)
+        return r, at, ok & (i < tiles)
+
+    def load(i):
+        r, at, ok = rows_of(i)
+        row_ok = (r < n) & (i < tiles)
+        rows = [plgpu.load(ref.at[at], mask=ok, other=0.0)
+                for ref in (x_ref, dy_ref, *([ds_ref] if add else []))]
+        stats = [plgpu.load(ref.at[r], mask=row_ok, other=0.0) for ref in (mean_ref, rstd_ref)]
+        return (*rows, *stats)
+
+    def strip_tile(i, carry):
+        sums, loaded = carry
+        upcoming = load(i + 1)
+        x, dy, *ds, mean, rstd = loaded
+        _, at, ok = rows_of(i)
+        x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
         x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         scaled_dy = dy * scale[None, :]
         mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
@@ -86,14 +100,13 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, add: b
         dx = (scaled_dy - x_hat * mean_dot[:, None] - mean_dy[:, None]) * rstd[:, None]
         new = (jnp.sum(dy * x_hat, axis=0), jnp.sum(dy, axis=0))
         if add:
-            ds = plgpu.load(ds_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
-            dx = jnp.where(ok, dx + ds, 0.0)
+            dx = jnp.where(ok, dx + ds[0].astype(jnp.float32), 0.0)
             new = (*new, jnp.sum(dx, axis=0))
         plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
-        return tuple(total + part for total, part in zip(sums, new))
+        return tuple(total + part for total, part in zip(sums, new)), upcoming
 
-    zeros = jnp.zeros((lanes(width),), jnp.float32)
-    sums = jax.lax.fori_loop(0, STRIP_ROWS // TILE_ROWS, strip_tile, (zeros,) * (3 if add else 2))
+    zeros = (jnp.zeros((lanes(width),), jnp.float32),) * (3 if add else 2)
+    sums, _ = jax.lax.fori_loop(0, tiles, strip_tile, (zeros, load(0)))
     for out_ref, total in zip(refs[-len(sums):], sums):
         plgpu.store(out_ref.at[strip, c], total, mask=col_ok)
 
