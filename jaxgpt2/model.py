@@ -173,6 +173,14 @@ def _residual_std(config: GPTConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+def unstack_layers(stacked: dict) -> list[dict]:
+    """The stacked blocks' parameters as one tree per layer, each leaf split once
+    (``jnp.unstack``): its gradient is one concatenate. Indexing layer by layer would
+    make each layer's gradient a pad to the whole stack, and add the pads up."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    return [treedef.unflatten(layer) for layer in zip(*map(jnp.unstack, leaves))]
+
+
 def padding_mask(key_mask: jax.Array) -> jax.Array:
     """(B, 1, T, T) boolean mask from a (B, T) padding mask: real keys, plus each position
     itself. cuDNN needs the full query x key shape; the diagonal keeps a padding query
@@ -463,8 +471,8 @@ class GPT(nn.Module):
         if cfg.scan_layers:
             x, _ = jax.lax.scan(lambda x, layer: (run_block(x, *layer), None), x, (self.h, rngs))
         else:
-            for i in range(cfg.n_layer):
-                x = run_block(x, jax.tree.map(lambda a: a[i], self.h), rngs[i])
+            for params, rng in zip(unstack_layers(self.h), rngs):
+                x = run_block(x, params, rng)
         return self._final_norm(x, deterministic)
 
     def token_nll(self, input_ids: jax.Array, targets: jax.Array,
