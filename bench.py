@@ -52,7 +52,7 @@ from jaxgpt2.errors import InputError, NotFoundError, UserError, report_errors
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
 from jaxgpt2.prepare import bundled_corpus
-from jaxgpt2.step import create_train_state, make_train_step, step_compiler_options
+from jaxgpt2.step import create_train_state, jit_train_step, make_train_step
 from jaxgpt2.summary import flops_per_token
 from jaxgpt2.tokenizer import GPT2Tokenizer
 
@@ -108,8 +108,7 @@ def bench_variant(cfg: GPTConfig, batch_size: int, steps: int, warmup: int,
     model = GPT(cfg)
     optim = OptimConfig(warmup_steps=10)
     tx = build_optimizer(optim, 1000)
-    step = jax.jit(make_train_step(model, tx), donate_argnums=0,
-                   compiler_options=step_compiler_options())
+    step = jit_train_step(make_train_step(model, tx))
     scale = optim.loss_scale if cfg.dtype == "float16" else None  # float16 trains with one
     state = jax.jit(lambda: create_train_state(model.init_params(jax.random.PRNGKey(0)), tx, 0,
                                                scale))()

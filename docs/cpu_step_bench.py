@@ -37,7 +37,7 @@ def measure(overrides: list[str], steps: int) -> dict:
     from jaxgpt2.config import load_config
     from jaxgpt2.model import GPT
     from jaxgpt2.optim import build_optimizer
-    from jaxgpt2.step import create_train_state, make_train_step
+    from jaxgpt2.step import create_train_state, jit_train_step, make_train_step
 
     config = load_config("configs/shakespeare_char_cpu.yaml", ["model.vocab_size=65", *overrides])
     gpt = config.model.gpt_config()
@@ -48,7 +48,7 @@ def measure(overrides: list[str], steps: int) -> dict:
     batch = {"input_ids": ids[..., :-1], "targets": ids[..., 1:],
              "loss_mask": np.ones((1, 12, 64), np.float32)}
     began = time.perf_counter()
-    step = jax.jit(make_train_step(model, tx), donate_argnums=0).lower(state, batch).compile()
+    step = jit_train_step(make_train_step(model, tx)).lower(state, batch).compile()
     compile_s = time.perf_counter() - began
     for _ in range(5):
         state, metrics = step(state, batch)

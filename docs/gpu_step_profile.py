@@ -28,7 +28,7 @@ import numpy as np
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
-from jaxgpt2.step import create_train_state, make_train_step, step_compiler_options
+from jaxgpt2.step import create_train_state, jit_train_step, make_train_step
 
 MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|triton_gemm", re.I)
 ATTENTION = re.compile(r"cudnn|fmha|flash|sdpa", re.I)
@@ -53,8 +53,7 @@ def profile(batch_size: int, bias: bool, kernels: str, steps: int,
     ids = np.random.default_rng(0).integers(0, 50257, (1, batch_size, 1025)).astype(np.int32)
     batch = jax.device_put({"input_ids": ids[..., :-1], "targets": ids[..., 1:],
                             "loss_mask": np.ones((1, batch_size, 1024), np.float32)})
-    step = jax.jit(make_train_step(model, optimizer), donate_argnums=0,
-                   compiler_options=step_compiler_options()).lower(state, batch).compile()
+    step = jit_train_step(make_train_step(model, optimizer)).lower(state, batch).compile()
     for _ in range(3):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

@@ -21,7 +21,7 @@ from jaxgpt2.auto_batch import choose_micro_batch, memory_budget
 from jaxgpt2.config import PRESETS, GPTConfig, OptimConfig
 from jaxgpt2.model import GPT
 from jaxgpt2.optim import build_optimizer
-from jaxgpt2.step import create_train_state, make_train_step, step_compiler_options
+from jaxgpt2.step import create_train_state, jit_train_step, make_train_step
 from jaxgpt2.summary import flops_per_token, peak_flops, size_text
 
 
@@ -32,8 +32,7 @@ def measure(preset: str, remat: str, rows: int, budget: int, steps: int) -> dict
     model, optimizer = GPT(gpt), build_optimizer(OptimConfig(), 1000)
     abstract = jax.eval_shape(lambda: create_train_state(
         model.init_params(jax.random.PRNGKey(0)), optimizer, 0))
-    step_fn = jax.jit(make_train_step(model, optimizer), donate_argnums=0,
-                      compiler_options=step_compiler_options())
+    step_fn = jit_train_step(make_train_step(model, optimizer))
 
     def compile_at(micro: int):
         spec = {k: jax.ShapeDtypeStruct((1, micro, 1024), dtype) for k, dtype in

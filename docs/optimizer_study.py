@@ -203,12 +203,12 @@ def compiled_step(run: Run):
     from jaxgpt2.config import load_config
     from jaxgpt2.model import GPT
     from jaxgpt2.optim import build_optimizer
-    from jaxgpt2.step import create_train_state, make_train_step
+    from jaxgpt2.step import create_train_state, jit_train_step, make_train_step
 
     config = load_config(ROOT / BASE[0], [*BASE[1:], *run.overrides])
     model = GPT(dataclasses.replace(config.model.gpt_config(), vocab_size=65, dtype="float32"))
     optimizer = build_optimizer(config.optim, STEPS)
-    step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
+    step = jit_train_step(make_train_step(model, optimizer))
     ids = np.random.default_rng(0).integers(0, 65, (1, 12, 65)).astype(np.int32)
     batch = {"input_ids": ids[..., :-1], "targets": ids[..., 1:],
              "loss_mask": np.ones((1, 12, 64), np.float32)}

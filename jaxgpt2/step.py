@@ -67,6 +67,13 @@ def step_compiler_options() -> dict[str, Any]:
     return dict(GPU_COMPILER_OPTIONS) if jax.default_backend() == "gpu" else {}
 
 
+def jit_train_step(train_step: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit`` of a train step (``jit_kwargs``: shardings): the state donated and, on
+    a GPU, ``GPU_COMPILER_OPTIONS`` applied; the one place every caller jits it."""
+    return jax.jit(train_step, donate_argnums=0, compiler_options=step_compiler_options(),
+                   **jit_kwargs)
+
+
 def make_train_step(model: GPT, optimizer: Optimizer, debug_nan_steps: Sequence[int] = (),
                     loss_scale_interval: int = 2000) -> Callable:
     """Build ``train_step(state, batch)``; batch leaves are (grad_accum, batch, T).

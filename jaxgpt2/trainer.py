@@ -39,7 +39,7 @@ from jaxgpt2.optim import build_optimizer
 from jaxgpt2.run_lock import RunLock
 from jaxgpt2.resume import (agreed_resume_step, check_compatible, choose_resume_step, resume,
                             saved_model_config)
-from jaxgpt2.step import TrainState, create_train_state, make_train_step, step_compiler_options
+from jaxgpt2.step import TrainState, create_train_state, jit_train_step, make_train_step
 from jaxgpt2.summary import flops_per_token, memory_line, peak_flops, startup_lines
 from jaxgpt2.tokenizer import Tokenizer, encode_prompt
 
@@ -284,9 +284,9 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         step_fn = make_train_step(self.model, self.optimizer, self.config.train.debug_nan_steps,
                                   self.config.optim.loss_scale_interval)
-        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                                  out_shardings=(self.state_sharding, self._replicated()),
-                                  donate_argnums=0, compiler_options=step_compiler_options())
+        self.train_step = jit_train_step(
+            step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, self._replicated()))
 
     def compile_step_at(self, micro_batch: int) -> Any:
         """The train step compiled for ``micro_batch`` rows per device (accumulation makes
