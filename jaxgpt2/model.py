@@ -137,12 +137,15 @@ class FusedLayerNorm(nn.Module):
     fused kernel (``jaxgpt2.kernels.layer_norm``), output in the compute dtype.
 
     Given a residual ``branch`` (and its bias), the input is ``x + branch + branch_bias``
-    and the result ``(that sum, its normalisation)``, the add fused into the kernel.
+    and the result ``(that sum, its normalisation)``, the add fused into the kernel; with
+    ``copies`` > 1 the normalisation is a tuple of that many copies, one per consumer, so
+    the kernel sums their gradients (``add_layer_norm``).
     """
 
     use_bias: bool
     dtype: jnp.dtype
     epsilon: float = 1e-5
+    copies: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, branch: jax.Array | None = None,
@@ -155,14 +158,15 @@ class FusedLayerNorm(nn.Module):
         if branch is None:
             y = kernel_layer_norm(x.reshape(-1, C), scale, bias, self.epsilon)
             return y.reshape(x.shape).astype(self.dtype)
-        s, y = add_layer_norm(x.reshape(-1, C), branch.reshape(-1, C), branch_bias, scale,
-                              bias, self.epsilon)
-        return s.reshape(x.shape), y.reshape(x.shape).astype(self.dtype)
+        s, *ys = add_layer_norm(x.reshape(-1, C), branch.reshape(-1, C), branch_bias, scale,
+                                bias, self.epsilon, self.copies)
+        ys = tuple(y.reshape(x.shape).astype(self.dtype) for y in ys)
+        return s.reshape(x.shape), ys[0] if self.copies == 1 else ys
 
 
-def _layer_norm(config: GPTConfig, name: str) -> nn.Module:
+def _layer_norm(config: GPTConfig, name: str, copies: int = 1) -> nn.Module:
     if uses_kernels(config):
-        return FusedLayerNorm(config.bias, compute_dtype(config), name=name)
+        return FusedLayerNorm(config.bias, compute_dtype(config), copies=copies, name=name)
     # Flax computes the statistics in float32 even for bfloat16 inputs.
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=compute_dtype(config),
                         param_dtype=jnp.float32, name=name)
@@ -261,14 +265,21 @@ class QKVProjection(nn.Module):
     fold_value_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array | tuple[jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """``x``: the input, or two copies of it, one for the query and key products and
+        one for the value product. XLA adds the first two products' input gradients in
+        the second product's epilogue but needs a pass of its own for the third; with a
+        copy of its own, the layer-norm kernel that made the input adds it as it reads it.
+        """
         cfg = self.config
-        C, dtype = x.shape[-1], compute_dtype(cfg)
+        xs = (x[0], x[0], x[1]) if isinstance(x, tuple) else (x,) * 3
+        C, dtype = xs[0].shape[-1], compute_dtype(cfg)
         kernel = self.param("kernel", _init(0.02), (C, 3 * C), jnp.float32).astype(dtype)
         bias = (self.param("bias", nn.initializers.zeros_init(), (3 * C,), jnp.float32)
                 if cfg.bias else None)
-        x = x.astype(dtype)
-        q, k, v = (linear(x, kernel[:, part * C:(part + 1) * C]) for part in range(3))
+        q, k, v = (linear(x.astype(dtype), kernel[:, part * C:(part + 1) * C])
+                   for part, x in enumerate(xs))
         if bias is None:
             return q, k, v, None
         q = q + bias[:C].astype(dtype)
@@ -290,10 +301,11 @@ class CausalSelfAttention(nn.Module):
     defer_bias: bool = False  # return c_proj's (output, bias) unadded, with no dropout
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None, deterministic: bool,
-                 past: Past | None = None):
+    def __call__(self, x: jax.Array | tuple[jax.Array, jax.Array], key_mask: jax.Array | None,
+                 deterministic: bool, past: Past | None = None):
+        """``x``: the input, or two copies of it (``QKVProjection``)."""
         cfg = self.config
-        B, T, C = x.shape
+        B, T, C = (x[0] if isinstance(x, tuple) else x).shape
         # Attention dropout rescales rows of probabilities, which then no longer sum to one.
         use_dropout = past is None and cfg.dropout > 0 and not deterministic
         *qkv, value_bias = QKVProjection(cfg, not use_dropout, name="c_attn")(x)
@@ -343,7 +355,8 @@ class Block(nn.Module):
 
     Where ``fuses_residuals``, ``x`` is a ``Stream`` in and out: ``ln_1``'s kernel adds
     the previous block's MLP output, ``ln_2``'s the attention's, and this block's MLP
-    output is handed on unadded.
+    output is handed on unadded, and ``ln_1`` hands attention two copies of its output
+    (``QKVProjection`` says why).
     """
 
     config: GPTConfig
@@ -353,7 +366,7 @@ class Block(nn.Module):
                  deterministic: bool, past: Past | None = None):
         cfg = self.config
         fuse = fuses_residuals(cfg, deterministic)
-        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1", copies=2), _layer_norm(cfg, "ln_2")
         x, normed = ln_1(*x) if fuse else (x, ln_1(x))
         y = CausalSelfAttention(cfg, fuse, name="attn")(normed, key_mask, deterministic, past)
         y, new_kv = (y, None) if past is None else y

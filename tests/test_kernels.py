@@ -39,11 +39,12 @@ def test_layer_norm_matches_flax_forward_and_gradients(rows, width):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows, width", [(37, 96), (130, 768)])
-def test_add_layer_norm_matches_the_add_then_flax(rows, width):
-    """The residual add fused into the layer norm: both outputs (the stream and its
-    normalisation) and the gradients of all five inputs, against ``x + branch + bias``
-    then Flax's LayerNorm, with arbitrary cotangents on both outputs."""
+@pytest.mark.parametrize("rows, width, copies", [(37, 96, 1), (130, 768, 1), (37, 96, 2)])
+def test_add_layer_norm_matches_the_add_then_flax(rows, width, copies):
+    """The residual add fused into the layer norm: its outputs (the stream and its
+    normalisation, ``copies`` times) and the gradients of all five inputs, against
+    ``x + branch + bias`` then Flax's LayerNorm, with arbitrary cotangents on every
+    output (the copies' summed in the kernel)."""
     rng = np.random.default_rng(rows)
     x, branch = (jnp.asarray(rng.normal(0.5, 2.0, (rows, width)), jnp.float32) for _ in "xb")
     branch_bias, scale, bias = (jnp.asarray(rng.normal(0.5, 0.3, width), jnp.float32)
@@ -51,13 +52,14 @@ def test_add_layer_norm_matches_the_add_then_flax(rows, width):
 
     def plain(x, branch, branch_bias, s, b):
         stream = x + branch + branch_bias
-        return stream, nn.LayerNorm(epsilon=1e-5).apply({"params": {"scale": s, "bias": b}},
-                                                        stream)
+        y = nn.LayerNorm(epsilon=1e-5).apply({"params": {"scale": s, "bias": b}}, stream)
+        return stream, *[y] * copies
 
-    fused = lambda *args: layer_norm.add_layer_norm(*args, 1e-5)
-    w_s, w_y = (jax.random.normal(jax.random.PRNGKey(k), (rows, width)) for k in (1, 2))
-    total = lambda fn: lambda *a: jnp.sum(fn(*a)[0] * w_s) + jnp.sum(fn(*a)[1] * w_y)
+    fused = lambda *args: layer_norm.add_layer_norm(*args, 1e-5, copies)
+    weights = [jax.random.normal(jax.random.PRNGKey(k), (rows, width)) for k in range(copies + 1)]
+    total = lambda fn: lambda *a: sum(jnp.sum(out * w) for out, w in zip(fn(*a), weights))
     args = (x, branch, branch_bias, scale, bias)
+    assert len(fused(*args)) == copies + 1
     ours = jax.jit(jax.value_and_grad(total(fused), argnums=tuple(range(5))))(*args)
     ref = jax.jit(jax.value_and_grad(total(plain), argnums=tuple(range(5))))(*args)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):

@@ -58,11 +58,13 @@ def _forward_kernel(x_ref, *refs, eps: float, add: bool):
     plgpu.store(rstd_ref.at[r], rstd, mask=r < n)
 
 
-def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, add: bool):
+def _backward_kernel(x_ref, *refs, add: bool, copies: int):
     """With ``add``, the residual stream's own gradient ``ds`` joins the input gradient,
-    whose column sums are the branch bias's gradient. Each loop step loads the next tile
-    before it reduces the current one: a program's warps wait at two row reductions a
-    tile, with too few programs an SM to hide the loads otherwise."""
+    whose column sums are the branch bias's gradient. The output's ``copies`` cotangents
+    are summed as they are read. Each loop step loads the next tile before it reduces the
+    current one: a program's warps wait at two row reductions a tile, with too few
+    programs an SM to hide the loads otherwise."""
+    dy_refs, (mean_ref, rstd_ref, scale_ref, *refs) = refs[:copies], refs[copies:]
     if add:
         ds_ref, dx_ref, dscale_ref, dbias_ref, dbranch_bias_ref = refs
     else:
@@ -83,16 +85,17 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, add: b
         r, at, ok = rows_of(i)
         row_ok = (r < n) & (i < tiles)
         rows = [plgpu.load(ref.at[at], mask=ok, other=0.0)
-                for ref in (x_ref, dy_ref, *([ds_ref] if add else []))]
+                for ref in (x_ref, *dy_refs, *([ds_ref] if add else []))]
         stats = [plgpu.load(ref.at[r], mask=row_ok, other=0.0) for ref in (mean_ref, rstd_ref)]
         return (*rows, *stats)
 
     def strip_tile(i, carry):
         sums, loaded = carry
         upcoming = load(i + 1)
-        x, dy, *ds, mean, rstd = loaded
+        x, *dys, mean, rstd = loaded
+        dys, ds = dys[:copies], dys[copies:]
         _, at, ok = rows_of(i)
-        x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+        x, dy = x.astype(jnp.float32), sum(d.astype(jnp.float32) for d in dys)
         x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         scaled_dy = dy * scale[None, :]
         mean_dot = jnp.sum(x_hat * scaled_dy, axis=1) / width
@@ -126,19 +129,20 @@ def _forward(x, scale, bias, eps, branch=()):
     )(x, *branch, scale.astype(f32), bias.astype(f32))
 
 
-def _backward(x, dy, mean, rstd, scale, ds=None):
+def _backward(x, dys, mean, rstd, scale, ds=None):
     """``dx`` and the per-strip column sums: ``dscale``, ``dbias`` and, with ``ds``, the
-    branch bias's gradient (``dx`` then includes ``ds``)."""
+    branch bias's gradient (``dx`` then includes ``ds``). ``dys``: the output's
+    cotangents, summed."""
     n, width = x.shape
     strips = pl.cdiv(n, STRIP_ROWS)
     partial_sums = jax.ShapeDtypeStruct((strips, width), jnp.float32)
     add = ds is not None
     dx, *sums = pl.pallas_call(
-        functools.partial(_backward_kernel, add=add), grid=(strips,),
+        functools.partial(_backward_kernel, add=add, copies=len(dys)), grid=(strips,),
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), *[partial_sums] * (3 if add else 2)],
         compiler_params=plgpu.CompilerParams(num_warps=BACKWARD_WARPS), interpret=interpret(),
         name="add_layer_norm_backward" if add else "layer_norm_backward",
-    )(x, dy, mean, rstd, scale.astype(jnp.float32), *([ds] if add else []))
+    )(x, *dys, mean, rstd, scale.astype(jnp.float32), *([ds] if add else []))
     return dx, *(jnp.sum(partial, axis=0) for partial in sums)
 
 
@@ -155,35 +159,40 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, residuals, dy):
     x, mean, rstd, scale, bias = residuals
-    dx, dscale, dbias = _backward(x, dy, mean, rstd, scale)
+    dx, dscale, dbias = _backward(x, (dy,), mean, rstd, scale)
     return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def add_layer_norm(x: jax.Array, branch: jax.Array, branch_bias: jax.Array, scale: jax.Array,
-                   bias: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+                   bias: jax.Array, eps: float, copies: int = 1) -> tuple[jax.Array, ...]:
     """A residual add and the layer norm after it, for (rows, width) ``x`` and ``branch``:
-    ``(s, layer_norm(s))`` with ``s = x + branch + branch_bias`` in ``x``'s dtype.
+    ``(s, layer_norm(s))`` with ``s = x + branch + branch_bias`` in ``x``'s dtype; with
+    ``copies``, ``layer_norm(s)`` that many times.
 
     The backward pass adds ``s``'s own gradient to the layer norm's input gradient and
     sums the total over rows for ``branch_bias`` in the same kernel: XLA would make a
-    separate pass for each.
+    separate pass for each. Handing consumers of the output copies of their own (the
+    model's attention: one for its query and key products, one for its value product)
+    lets the kernel also sum the copies' gradients as it reads them, where XLA would
+    make another pass.
     """
-    return tuple(_forward(x, scale, bias, eps, (branch, branch_bias))[:2])
+    s, y = _forward(x, scale, bias, eps, (branch, branch_bias))[:2]
+    return (s, *[y] * copies)
 
 
-def _add_layer_norm_fwd(x, branch, branch_bias, scale, bias, eps):
+def _add_layer_norm_fwd(x, branch, branch_bias, scale, bias, eps, copies):
     s, y, mean, rstd = _forward(x, scale, bias, eps, (branch, branch_bias))
-    return (s, y), (s, mean, rstd, scale, bias, branch_bias)
+    return (s, *[y] * copies), (s, mean, rstd, scale, bias, branch_bias)
 
 
-def _add_layer_norm_bwd(eps, residuals, cotangents):
+def _add_layer_norm_bwd(eps, copies, residuals, cotangents):
     s, mean, rstd, scale, bias, branch_bias = residuals
-    ds, dy = cotangents
-    d_stream, dscale, dbias, d_branch_bias = _backward(s, dy, mean, rstd, scale, ds)
+    ds, *dys = cotangents
+    d_stream, dscale, dbias, d_branch_bias = _backward(s, dys, mean, rstd, scale, ds)
     return (d_stream, d_stream, d_branch_bias.astype(branch_bias.dtype),
             dscale.astype(scale.dtype), dbias.astype(bias.dtype))
 
