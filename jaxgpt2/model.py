@@ -278,8 +278,8 @@ class QKVProjection(nn.Module):
         kernel = self.param("kernel", _init(0.02), (C, 3 * C), jnp.float32).astype(dtype)
         bias = (self.param("bias", nn.initializers.zeros_init(), (3 * C,), jnp.float32)
                 if cfg.bias else None)
-        q, k, v = (linear(x.astype(dtype), kernel[:, part * C:(part + 1) * C])
-                   for part, x in enumerate(xs))
+        q, k, v = (linear(xs[part].astype(dtype), kernel[:, part * C:(part + 1) * C])
+                   for part in range(3))
         if bias is None:
             return q, k, v, None
         q = q + bias[:C].astype(dtype)
