@@ -305,10 +305,10 @@ class CausalSelfAttention(nn.Module):
                  deterministic: bool, past: Past | None = None):
         """``x``: the input, or two copies of it (``QKVProjection``)."""
         cfg = self.config
-        B, T, C = (x[0] if isinstance(x, tuple) else x).shape
         # Attention dropout rescales rows of probabilities, which then no longer sum to one.
         use_dropout = past is None and cfg.dropout > 0 and not deterministic
         *qkv, value_bias = QKVProjection(cfg, not use_dropout, name="c_attn")(x)
+        B, T, C = qkv[0].shape
         q, k, v = (t.reshape(B, T, cfg.n_head, C // cfg.n_head) for t in qkv)
         if past is None:
             y = attend(q, k, v, key_mask, cfg, self.make_rng("dropout") if use_dropout else None)

@@ -82,18 +82,17 @@ def _backward_kernel(x_ref, *refs, add: bool, copies: int):
         return r, at, ok & (i < tiles)
 
     def load(i):
+        """Tile ``i``: ``(x, [dy per copy], [ds] or [], mean, rstd)``."""
         r, at, ok = rows_of(i)
         row_ok = (r < n) & (i < tiles)
-        rows = [plgpu.load(ref.at[at], mask=ok, other=0.0)
-                for ref in (x_ref, *dy_refs, *([ds_ref] if add else []))]
+        rows = lambda refs: [plgpu.load(ref.at[at], mask=ok, other=0.0) for ref in refs]
         stats = [plgpu.load(ref.at[r], mask=row_ok, other=0.0) for ref in (mean_ref, rstd_ref)]
-        return (*rows, *stats)
+        return (*rows([x_ref]), rows(dy_refs), rows([ds_ref] if add else []), *stats)
 
     def strip_tile(i, carry):
         sums, loaded = carry
         upcoming = load(i + 1)
-        x, *dys, mean, rstd = loaded
-        dys, ds = dys[:copies], dys[copies:]
+        x, dys, ds, mean, rstd = loaded
         _, at, ok = rows_of(i)
         x, dy = x.astype(jnp.float32), sum(d.astype(jnp.float32) for d in dys)
         x_hat = jnp.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
